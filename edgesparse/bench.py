@@ -1,0 +1,241 @@
+"""``edgesparse bench``: the three block-sparse products against torch dense and
+torch.sparse, measured in one run.
+
+Timing: providers are interleaved (one call of each per round) and the median of
+the rounds is kept, so a burst of load on a shared machine hits every provider
+alike; the ratios, not the absolute times, are the figures to quote.
+
+GFLOP/s are counted on the nonzeros: 2 * M * nnz_blocks * bn * bk per product.
+"% of dense rate" is our GFLOP/s over dense torch's GFLOP/s on the full matrix:
+100% would mean a kept block costs exactly what it costs inside a dense product.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .formats import BSR
+from .kernels import dispatch
+
+OPS = ("forward", "grad_input", "grad_weight")
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int
+    n: int
+    k: int
+    block: Tuple[int, int]
+    density: float
+    op: str
+
+
+@dataclass
+class Row:
+    op: str
+    m: int
+    n: int
+    k: int
+    block: str
+    density: float
+    backend: str
+    ours_ms: float
+    dense_ms: float
+    torch_sparse_ms: Optional[float]
+    gflops_nnz: float
+    pct_of_dense_rate: float
+    speedup_vs_dense: float
+    speedup_vs_torch_sparse: Optional[float]
+
+
+def _headline(op: str, m: int, block: Tuple[int, int], density: float) -> Case:
+    return Case(m, 2048, 2048, block, density, op)
+
+
+# The figures the foundation issue asks for, then a spread of block shapes.
+DEFAULT_CASES: Tuple[Case, ...] = (
+    *(_headline(op, 256, (32, 32), 0.1) for op in OPS),
+    *(_headline(op, 256, (16, 16), 0.1) for op in OPS),
+    _headline("forward", 256, (32, 32), 0.5),
+    _headline("forward", 8, (32, 32), 0.1),
+    _headline("forward", 256, (8, 8), 0.1),
+    _headline("forward", 256, (64, 64), 0.1),
+    _headline("forward", 256, (8, 4), 0.1),
+)
+
+QUICK_CASES: Tuple[Case, ...] = tuple(
+    Case(64, 640, 640, (32, 32), 0.1, op) for op in OPS  # 400 blocks: 10% is exactly 40
+)
+
+
+def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> Dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
+
+
+def _torch_sparse_bsr(dense: torch.Tensor, block: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """torch's own BSR of a matrix, or None where torch cannot build one (odd shapes)."""
+    if dense.shape[0] % block[0] or dense.shape[1] % block[1]:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sparse BSR tensor support is in beta state"
+        return dense.to_sparse_bsr(block)
+
+
+def providers(case: Case, generator: torch.Generator) -> Tuple[Dict[str, Callable[[], object]], int]:
+    """The calls to time for this case, and the number of kept blocks."""
+    m, n, k = case.m, case.n, case.k
+    w = torch.randn(n, k, generator=generator)
+    W = BSR.from_dense(w, case.block, density=case.density)
+    masked = W.to_dense()
+    x = torch.randn(m, k, generator=generator)
+    dy = torch.randn(m, n, generator=generator)
+    fns: Dict[str, Callable[[], object]] = {}
+    if case.op == "forward":
+        fns["ours"] = lambda: ops.bsr_linear(x, W)
+        fns["dense"] = lambda: F.linear(x, w)
+        sparse = _torch_sparse_bsr(masked, case.block)
+        if sparse is not None:
+            fns["torch_sparse"] = lambda: (sparse @ x.T).T
+    elif case.op == "grad_input":
+        fns["ours"] = lambda: ops.bsr_linear_grad_input(dy, W)
+        fns["dense"] = lambda: dy @ w
+        sparse_t = _torch_sparse_bsr(masked.T.contiguous(), case.block[::-1])
+        if sparse_t is not None:
+            fns["torch_sparse"] = lambda: (sparse_t @ dy.T).T
+    else:
+        fns["ours"] = lambda: ops.bsr_linear_grad_weight(dy, x, W)
+        fns["dense"] = lambda: dy.T @ x
+        # torch.sparse's product on a pattern is sampled_addmm, which takes CSR: the
+        # element pattern of the kept blocks.
+        pattern = (masked != 0).to(torch.float32).to_sparse_csr()
+        dyt = dy.T.contiguous()
+        fns["torch_sparse"] = lambda: torch.sparse.sampled_addmm(pattern, dyt, x, beta=0.0)
+    return fns, W.nnz_blocks
+
+
+def run_case(case: Case, rounds: int, seed: int = 0) -> Row:
+    generator = torch.Generator().manual_seed(seed)
+    fns, nnz_blocks = providers(case, generator)
+    times = _median_times(fns, rounds)
+    bn, bk = case.block
+    flops_nnz = 2.0 * case.m * nnz_blocks * bn * bk
+    flops_dense = 2.0 * case.m * case.n * case.k
+    gflops = flops_nnz / times["ours"] / 1e9
+    dense_gflops = flops_dense / times["dense"] / 1e9
+    ts = times.get("torch_sparse")
+    return Row(
+        op=case.op, m=case.m, n=case.n, k=case.k, block=f"{bn}x{bk}", density=case.density,
+        backend=dispatch.select(torch.device("cpu"), torch.float32).__name__.rsplit(".", 1)[-1],
+        ours_ms=times["ours"] * 1e3, dense_ms=times["dense"] * 1e3,
+        torch_sparse_ms=ts * 1e3 if ts is not None else None,
+        gflops_nnz=gflops, pct_of_dense_rate=100.0 * gflops / dense_gflops,
+        speedup_vs_dense=times["dense"] / times["ours"],
+        speedup_vs_torch_sparse=ts / times["ours"] if ts is not None else None,
+    )
+
+
+def environment_stamp() -> Dict[str, object]:
+    from .compiler.target import cpu_count
+
+    stamp: Dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cpus": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import tvm
+
+        from .compiler.target import host_cpu_name
+
+        stamp["tvm"] = tvm.__version__
+        stamp["llvm_cpu"] = host_cpu_name()
+    except ImportError:
+        stamp["tvm"] = None
+    from . import __version__
+
+    stamp["edgesparse"] = __version__
+    return stamp
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return format(value, spec) if value is not None else "n/a"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = (
+        f"{'op':<12}{'M':>5}{'N':>6}{'K':>6}{'block':>7}{'dens':>6}{'ours ms':>9}{'dense ms':>10}"
+        f"{'t.sparse ms':>12}{'GFLOP/s':>9}{'% dense':>9}{'x dense':>9}{'x t.sparse':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.op:<12}{r.m:>5}{r.n:>6}{r.k:>6}{r.block:>7}{r.density:>6.2f}{r.ours_ms:>9.3f}{r.dense_ms:>10.3f}"
+            f"{_fmt(r.torch_sparse_ms, '.3f'):>12}{r.gflops_nnz:>9.1f}{r.pct_of_dense_rate:>8.0f}%"
+            f"{r.speedup_vs_dense:>8.2f}x{_fmt(r.speedup_vs_torch_sparse, '.2f'):>10}x"
+        )
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[Row], stamp: Dict[str, object], out: Path) -> Tuple[Path, Path]:
+    """Write ``out`` (.json) and the same rows as .csv beside it; temp file then rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
+    csv_path = out.with_suffix(".csv")
+    payload = {"environment": stamp, "rows": [asdict(r) for r in rows]}
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, json_path)
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["date", "processor", *asdict(rows[0]).keys()])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"date": stamp["date"], "processor": stamp["processor"], **asdict(r)})
+    os.replace(tmp, csv_path)
+    return json_path, csv_path
+
+
+def run(cases: Iterable[Case], rounds: int, progress: Callable[[str], None] = print) -> List[Row]:
+    cases = list(cases)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        progress(f"[{i}/{len(cases)}] {case.op} M={case.m} {case.n}x{case.k} block {case.block[0]}x{case.block[1]} density {case.density}")
+        rows.append(run_case(case, rounds))
+    return rows

@@ -1,0 +1,1 @@
+"""Target detection and compilation support for the TVM kernels."""

@@ -1,0 +1,98 @@
+"""The TensorIR kernel behind both forward and grad-input: a walk over output block rows.
+
+    out[m, i*P + p] = bias[i*P + p] + sum over blocks b of row i, sum over q < Q of
+                      inp[m, idx[b]*Q + q] * V[blk(b), q, p]
+
+forward:     inp = x,  rows = W's block rows,    V = W's blocks transposed [bk, bn],
+             blk(b) = b                                   (P = bn, Q = bk)
+grad-input:  inp = dy, rows = W's block columns, V = W's blocks as stored  [bn, bk],
+             blk(b) = col_order[b]                        (P = bk, Q = bn)
+
+Each output block row is a sum over that row's blocks only: no atomics, no dense W.
+The register tile is ``rows`` batch rows by ``cols`` output columns, vectorised over
+the columns: one broadcast of an input element feeds ``rows * cols / 8`` FMAs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import Schedule
+from ._runtime import compiled, kernel_arg, placeholder
+
+
+def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool):
+    from tvm.script import tirx as T
+
+    MT, PT, UQ = sched.rows, sched.cols, sched.unroll
+
+    @T.macro
+    def tile(inp, V, off, idx, ids, bias, out, i, m_start, rows):
+        for p0 in T.serial(P // PT):
+            acc = T.alloc_buffer((rows, PT), "float32")  # 'global' scope: below 1 KiB TVM puts it on the stack
+            for mt in T.unroll(rows):
+                for p in T.vectorized(PT):
+                    if has_bias:
+                        acc[mt, p] = bias[i * P + p0 * PT + p]
+                    else:
+                        acc[mt, p] = T.float32(0)
+            for b in T.serial(off[i], off[i + 1]):
+                for q0 in T.serial(Q // UQ):
+                    for q1 in T.unroll(UQ):
+                        for mt in T.unroll(rows):
+                            for p in T.vectorized(PT):
+                                if indirect:
+                                    acc[mt, p] = acc[mt, p] + inp[m_start + mt, idx[b] * Q + q0 * UQ + q1] * V[ids[b], q0 * UQ + q1, p0 * PT + p]
+                                else:
+                                    acc[mt, p] = acc[mt, p] + inp[m_start + mt, idx[b] * Q + q0 * UQ + q1] * V[b, q0 * UQ + q1, p0 * PT + p]
+            for mt in T.unroll(rows):
+                for p in T.vectorized(PT):
+                    out[m_start + mt, i * P + p0 * PT + p] = acc[mt, p]
+
+    parallel_over_blocks = sched.parallel == "blocks"
+
+    @T.prim_func
+    def block_rows(inp_h: T.handle, V_h: T.handle, off_h: T.handle, idx_h: T.handle, ids_h: T.handle, bias_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        M = T.int32(); IN_W = T.int32(); NNZ = T.int32(); NOFF = T.int32(); NIDS = T.int32(); NBIAS = T.int32(); OUT_W = T.int32()
+        inp = T.match_buffer(inp_h, (M, IN_W), "float32")
+        V = T.match_buffer(V_h, (NNZ, Q, P), "float32")
+        off = T.match_buffer(off_h, (NOFF,), "int32")
+        idx = T.match_buffer(idx_h, (NNZ,), "int32")
+        ids = T.match_buffer(ids_h, (NIDS,), "int32")
+        bias = T.match_buffer(bias_h, (NBIAS,), "float32")
+        out = T.match_buffer(out_h, (M, OUT_W), "float32")
+        # The last M % rows batch rows take a one-row tile.
+        if parallel_over_blocks:
+            for i in T.parallel(NOFF - 1):
+                for m0 in T.serial(M // MT):
+                    tile(inp, V, off, idx, ids, bias, out, i, m0 * MT, MT)
+                for m in T.serial(M % MT):
+                    tile(inp, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
+        else:
+            for m0 in T.parallel(M // MT):
+                for i in T.serial(NOFF - 1):
+                    tile(inp, V, off, idx, ids, bias, out, i, m0 * MT, MT)
+            for m in T.parallel(M % MT):
+                for i in T.serial(NOFF - 1):
+                    tile(inp, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
+
+    return block_rows
+
+
+def block_rows_product(inp, V, offsets, idx, ids, bias, out_width: int, sched: Schedule) -> torch.Tensor:
+    """Run the kernel; ``inp`` [M, n_in_blocks * Q], returns out [M, out_width] where
+    out_width = (len(offsets) - 1) * P. ``ids`` None means blk(b) = b; ``bias`` may be None."""
+    _, Q, P = V.shape
+    fn = compiled(_make_block_rows, P, Q, sched, ids is not None, bias is not None)
+    out = torch.empty(inp.shape[0], out_width, dtype=inp.dtype)
+    fn(
+        kernel_arg(inp),
+        kernel_arg(V),
+        kernel_arg(offsets),
+        kernel_arg(idx),
+        kernel_arg(ids) if ids is not None else placeholder(torch.int32),
+        kernel_arg(bias) if bias is not None else placeholder(torch.float32),
+        out,
+    )
+    return out

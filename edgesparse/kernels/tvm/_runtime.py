@@ -1,0 +1,72 @@
+"""Building and calling the TVM kernels: one in-process cache of compiled kernels,
+and the conversion of torch tensors into kernel arguments."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Hashable
+
+import torch
+
+# TVM's generated code may use aligned vector loads on buffer starts: it assumes the
+# 64-byte alignment that torch's allocator gives but a view into a tensor may lack.
+_ALIGNMENT = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(key: Hashable, make_prim_func: Callable, target_json: str):
+    import tvm
+
+    target = tvm.target.Target(target_json)
+    return tvm.compile(tvm.IRModule({"main": make_prim_func(*key[1:])}), target=target)["main"]
+
+
+def compiled(make_prim_func: Callable, *params: Hashable):
+    """The compiled kernel ``make_prim_func(*params)`` for this machine's CPU, built once
+    per process for each distinct ``params`` (block shape, knobs, flags)."""
+    from ...compiler.target import cpu_target
+
+    key = (make_prim_func.__qualname__,) + params
+    return _compile(key, make_prim_func, str(cpu_target()))
+
+
+def kernel_arg(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous, 64-byte-aligned tensor with t's data (t itself when it already is)."""
+    if not t.is_contiguous() or t.data_ptr() % _ALIGNMENT:
+        t = t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
+
+
+def placeholder(dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for a kernel argument that this build never reads."""
+    return _placeholders.setdefault(dtype, torch.zeros(1, dtype=dtype))
+
+
+_placeholders: dict = {}
+
+
+def threads() -> int:
+    """Threads TVM's pool runs kernels on (TVM_NUM_THREADS, else the CPUs we may use)."""
+    import os
+
+    from ...compiler.target import cpu_count
+
+    return int(os.environ.get("TVM_NUM_THREADS", 0)) or cpu_count()
+
+
+_derived = None
+
+
+def cached_on(t: torch.Tensor, name: str, derive: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``derive(t)``, recomputed only when t's storage or version (in-place writes) changed."""
+    global _derived
+    if _derived is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _derived = WeakTensorKeyDictionary()
+    entries = _derived.setdefault(t, {})
+    stamp = (t._version, t.data_ptr())
+    hit = entries.get(name)
+    if hit is None or hit[0] != stamp:
+        hit = entries[name] = (stamp, derive(t))
+    return hit[1]

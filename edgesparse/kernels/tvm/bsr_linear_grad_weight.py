@@ -1,0 +1,85 @@
+"""grad-weight on the pattern: for each kept block b at (block row r, block column c),
+
+    out[b] = dy[:, r*bn:(r+1)*bn].T @ x[:, c*bk:(c+1)*bk]          [bn, bk]
+
+Threads split the nonzero blocks; the register tile is ``rows`` rows of the block by
+``cols`` of its columns, vectorised over the columns, with dy broadcast. The dense
+N x K gradient is never formed.
+
+dy and x are first repacked into block-column panels [blocks, M, width] so that the
+walk down the batch reads consecutive memory. Read in place, consecutive rows are
+N*4 bytes apart (8 KiB for N = 2048): every row of a 32-wide slab falls into the same
+L1 sets, and the kernel ran at 9 GFLOP/s; the two copies cost about a tenth of the
+kernel time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...formats import BSR, pad_columns
+from ._runtime import compiled
+from .schedule import Schedule, heuristic_grad_weight
+
+
+def _make_grad_weight(bn: int, bk: int, sched: Schedule):
+    from tvm.script import tirx as T
+
+    RT, CT, UM = sched.rows, sched.cols, sched.unroll
+
+    @T.macro
+    def accumulate(dy, x, acc, row, col, r0, c0, m):
+        for rt in T.unroll(RT):
+            for c in T.vectorized(CT):
+                acc[rt, c] = acc[rt, c] + dy[row, m, r0 * RT + rt] * x[col, m, c0 * CT + c]
+
+    @T.prim_func
+    def grad_weight(dy_h: T.handle, x_h: T.handle, rows_h: T.handle, cols_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        M = T.int32(); NB = T.int32(); KB = T.int32(); NNZ = T.int32()
+        dy = T.match_buffer(dy_h, (NB, M, bn), "float32")
+        x = T.match_buffer(x_h, (KB, M, bk), "float32")
+        block_row = T.match_buffer(rows_h, (NNZ,), "int32")
+        block_col = T.match_buffer(cols_h, (NNZ,), "int32")
+        out = T.match_buffer(out_h, (NNZ, bn, bk), "float32")
+        for b in T.parallel(NNZ):
+            for r0 in T.serial(bn // RT):
+                for c0 in T.serial(bk // CT):
+                    acc = T.alloc_buffer((RT, CT), "float32")
+                    for rt in T.unroll(RT):
+                        for c in T.vectorized(CT):
+                            acc[rt, c] = T.float32(0)
+                    for m0 in T.serial(M // UM):
+                        for m1 in T.unroll(UM):
+                            accumulate(dy, x, acc, block_row[b], block_col[b], r0, c0, m0 * UM + m1)
+                    for m in T.serial(M % UM):
+                        accumulate(dy, x, acc, block_row[b], block_col[b], r0, c0, M - M % UM + m)
+                    for rt in T.unroll(RT):
+                        for c in T.vectorized(CT):
+                            out[b, r0 * RT + rt, c0 * CT + c] = acc[rt, c]
+
+    return grad_weight
+
+
+def _panels(t: torch.Tensor, padded_width: int, width: int) -> torch.Tensor:
+    """t [M, w] as [padded_width / width, M, width]: one contiguous panel per block column."""
+    m = t.shape[0]
+    return pad_columns(t, padded_width).reshape(m, padded_width // width, width).transpose(0, 1).contiguous()
+
+
+def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: Schedule | None = None) -> torch.Tensor:
+    """Values [nnz_blocks, bn, bk] of dy.T @ x on W's pattern; dy [M, N], x [M, K] contiguous."""
+    bn, bk = W.block
+    sched = schedule or heuristic_grad_weight(W.block, dy.shape[0])
+    out = torch.empty_like(W.values)
+    if W.nnz_blocks == 0:
+        return out
+    fn = compiled(_make_grad_weight, bn, bk, sched)
+    fn(
+        _panels(dy, W.padded_shape[0], bn),
+        _panels(x, W.padded_shape[1], bk),
+        W.row_indices,
+        W.col_indices,
+        out,
+    )
+    return out

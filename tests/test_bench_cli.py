@@ -1,0 +1,34 @@
+"""`edgesparse bench`: the rows it writes agree with their own timings and with the
+machine stamp; the ratios are derived from times measured in the same run."""
+
+import json
+
+import pytest
+
+from edgesparse import cli
+
+
+def test_quick_bench_writes_consistent_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--rounds", "2", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert {"date", "processor", "torch", "tvm", "edgesparse"} <= payload["environment"].keys()
+    rows = payload["rows"]
+    assert [r["op"] for r in rows] == ["forward", "grad_input", "grad_weight"]
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["dense_ms"] > 0
+        assert r["speedup_vs_dense"] == pytest.approx(r["dense_ms"] / r["ours_ms"])
+        assert r["speedup_vs_torch_sparse"] == pytest.approx(r["torch_sparse_ms"] / r["ours_ms"])
+        flops = 2 * r["m"] * r["n"] * r["k"] * r["density"]  # 10% of 400 blocks is exactly 40
+        assert r["gflops_nnz"] == pytest.approx(flops / (r["ours_ms"] * 1e-3) / 1e9)
+        dense_rate = 2 * r["m"] * r["n"] * r["k"] / (r["dense_ms"] * 1e-3) / 1e9
+        assert r["pct_of_dense_rate"] == pytest.approx(100 * r["gflops_nnz"] / dense_rate)
+    csv_lines = out.with_suffix(".csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(rows)
+    printed = capsys.readouterr().out
+    assert "grad_weight" in printed and "x t.sparse" in printed
+
+
+def test_bench_rejects_bad_rounds(capsys):
+    assert cli.main(["bench", "--quick", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
