@@ -23,6 +23,7 @@ block-column, with no atomics and no transposed copy of the values.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,14 +34,14 @@ _INDEX_DTYPE = torch.int32
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_block(block) -> Tuple[int, int]:
-    if isinstance(block, int) and not isinstance(block, bool):
+    if _is_int(block):
         block = (block, block)
-    if (
-        not isinstance(block, (tuple, list))
-        or len(block) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in block)
-    ):
+    if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(_is_int(b) for b in block):
         raise TypeError(f"block must be an int or a pair of ints (bn, bk), got {block!r}")
     bn, bk = block
     if bn <= 0 or bk <= 0:
@@ -144,8 +145,13 @@ class BSR:
         ``block`` may be omitted when it follows from the shapes: bn = ceil(N / NB).
         """
         w = _check_weight(w)
-        if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 2:
-            raise ValueError("block_mask must be a 2-D bool tensor [N/bn, K/bk] (block rows, block columns)")
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            raise TypeError(
+                f"block_mask must be a bool tensor [N/bn, K/bk], got "
+                f"{block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__}"
+            )
+        if block_mask.dim() != 2:
+            raise ValueError(f"block_mask must be 2-D [N/bn, K/bk] (block rows, block columns), got shape {tuple(block_mask.shape)}")
         if block is None:
             n, k = w.shape
             nb, kb = block_mask.shape
@@ -160,7 +166,7 @@ class BSR:
                 f"block_mask must have shape {(nb, kb)} for w of shape {tuple(w.shape)} and block {(bn, bk)}, "
                 f"got {tuple(block_mask.shape)}"
             )
-        mask = block_mask.to(device=w.device, dtype=torch.bool)
+        mask = block_mask.to(device=w.device)
         blocks = _blocks_of(wp, bn, bk)
         values = blocks[mask].contiguous()  # boolean indexing walks row-major: sorted rows, then columns
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=w.device), mask.sum(1).cumsum(0)])
@@ -172,7 +178,7 @@ class BSR:
         """Build from a dense matrix.
 
         Without ``density`` every block holding a nonzero (or a NaN) is kept. With
-        ``density=d`` the ``round(d * blocks)`` blocks of largest L2 norm are kept
+        ``density=d`` the d * blocks (halves rounded up) blocks of largest L2 norm are kept
         (ties go to the earlier block in row-major order, so the result is deterministic).
         """
         w = _check_weight(w)
@@ -181,12 +187,12 @@ class BSR:
         if density is None:
             mask = (blocks != 0).any(dim=-1).any(dim=-1)
         else:
-            if isinstance(density, bool) or not isinstance(density, (int, float)):
+            if isinstance(density, bool) or not isinstance(density, numbers.Real):
                 raise TypeError(f"density must be a float in [0, 1], got {density!r}")
             if not 0.0 <= float(density) <= 1.0:
                 raise ValueError(f"density must lie in [0, 1], got {density}")
             norms = blocks.float().pow(2).sum(dim=(-1, -2)).flatten()
-            keep = int(round(float(density) * norms.numel()))
+            keep = math.floor(float(density) * norms.numel() + 0.5)  # halves round up
             mask = torch.zeros_like(norms, dtype=torch.bool)
             if keep:
                 # Stable descending sort: equal norms keep row-major order.
@@ -205,6 +211,16 @@ class BSR:
         out.__dict__.update(self.__dict__)
         out.values = values.contiguous()
         return out
+
+    def zero_padding_(self, values: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the entries of ``values`` (laid out like self.values) that lie
+        past the logical shape, in the last block row and the last block column."""
+        (n, k), (bn, bk) = self.shape, self.block
+        if n % bn:
+            values[self.row_indices == self.block_rows - 1, n % bn :, :] = 0
+        if k % bk:
+            values[self.col_indices == self.block_cols - 1, :, k % bk :] = 0
+        return values
 
     # ------------------------------------------------------------------ properties
     @property

@@ -44,10 +44,14 @@ def bsr_linear(x: torch.Tensor, W: BSR, bias: Optional[torch.Tensor] = None) -> 
     n, k = W.shape
     x2 = _check_operand(x, "x", k, "in_features K", W)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must be a tensor of shape ({n},), got {tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
-        if bias.dtype != W.dtype or bias.device != W.device:
-            raise TypeError(f"bias must be {W.dtype} on {W.device} like W, got {bias.dtype} on {bias.device}")
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor of shape ({n},) or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},) (out_features N of W), got {tuple(bias.shape)}")
+        if bias.dtype != W.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but W has {W.dtype}; convert it with bias.to({W.dtype})")
+        if bias.device != W.device:
+            raise ValueError(f"bias is on {bias.device} but W is on {W.device}; move it with bias.to({str(W.device)!r})")
         bias = bias.contiguous()
     y2 = dispatch.select(W.device, W.dtype).bsr_linear(x2, W, bias)
     return y2.reshape(*x.shape[:-1], n)
@@ -74,4 +78,6 @@ def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR) -> BSR:
     if dy2.shape[0] != x2.shape[0]:
         raise ValueError(f"dy and x must hold the same number of rows once flattened, got {dy2.shape[0]} and {x2.shape[0]}")
     values = dispatch.select(W.device, W.dtype).bsr_linear_grad_weight(dy2, x2, W)
-    return W.with_values(values)
+    # A NaN or inf in dy or x would otherwise land in the blocks' padding (0 * inf),
+    # and from there in every forward output after an optimizer step.
+    return W.with_values(W.zero_padding_(values))

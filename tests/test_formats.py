@@ -4,7 +4,6 @@ Oracles: Python loops over block coordinates, dense torch, and scipy.sparse.bsr_
 """
 
 import math
-
 import numpy as np
 import pytest
 import scipy.sparse
@@ -12,7 +11,6 @@ import torch
 
 from edgesparse import BSR
 from tests._oracle import (
-    BLOCK_SHAPES,
     block_params,
     blocks_in_mask_order,
     expand_mask,
@@ -21,7 +19,6 @@ from tests._oracle import (
     mask_with_empty_lines,
     padded,
     padding_mask,
-    random_mask,
     randn,
 )
 
@@ -123,7 +120,7 @@ def test_from_dense_density_keeps_the_largest_norm_blocks(block, density, gen):
     nb, kb = grid(shape, block)
     w = randn(shape, gen) * torch.rand(shape, generator=gen)  # uneven block norms
     norms = block_norms_by_loop(w, block)
-    keep = round(density * nb * kb)
+    keep = math.floor(density * nb * kb + 0.5)  # documented: halves round up
     mask = top_blocks_mask(norms, keep, nb, kb)
 
     W = BSR.from_dense(w, block, density=density)
@@ -397,7 +394,7 @@ def test_mask_of_wrong_shape_raises_value_error(mask):
 
 
 def test_mask_not_a_tensor_raises():
-    with pytest.raises(ValueError, match="block_mask"):
+    with pytest.raises(TypeError, match="block_mask"):
         BSR.from_mask(torch.randn(8, 8), [[True, False], [False, True]], (4, 4))
 
 
@@ -438,3 +435,21 @@ def test_constructor_builds_a_consistent_matrix():
     ref = scipy.sparse.bsr_matrix((values.numpy(), cols.numpy(), offsets.numpy()), shape=(4, 4)).toarray()
     np.testing.assert_array_equal(W.to_dense().numpy(), ref)
     assert W.col_offsets.tolist() == [0, 2, 3] and W.col_order.tolist() == [0, 2, 1]
+
+
+def test_numpy_scalars_are_accepted_for_block_and_density():
+    w = torch.randn(16, 16)
+    W = BSR.from_dense(w, (np.int64(8), np.int32(4)), density=np.float32(0.5))
+    assert W.block == (8, 4) and W.nnz_blocks == 4
+
+
+def test_density_rounds_halves_up():
+    # 5 blocks of 1x1 at density 0.5 -> 2.5 blocks -> 3 kept (not banker's rounding to 2).
+    W = BSR.from_dense(torch.arange(1.0, 6.0)[None], (1, 1), density=0.5)
+    assert W.nnz_blocks == 3
+    assert W.col_indices.tolist() == [2, 3, 4]  # the three largest entries: 3, 4, 5
+
+
+def test_from_mask_rejects_non_bool_mask():
+    with pytest.raises(TypeError, match="block_mask must be a bool tensor"):
+        BSR.from_mask(torch.randn(8, 8), torch.ones(2, 2, dtype=torch.int64), (4, 4))

@@ -104,16 +104,15 @@ def test_bias(backend, device, gen, block, bias):
     check(backend, device, gen, block, RAGGED_SHAPE, mask, layout="batched", bias=bias)
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("block", block_params([(1, 4), (4, 1), (8, 8), (3, 5), (64, 64)]))
-def test_empty_block_rows_and_columns(backend, device, gen, block, bias):
+@pytest.mark.parametrize("block", block_params([(8, 4), (3, 5), (64, 64)]))
+def test_empty_block_rows_and_columns(backend, device, gen, block):
     bn = block[0]
     mask, empty_rows, _ = mask_with_empty_lines(*grid(RAGGED_SHAPE, block), gen)
-    y, b = check(backend, device, gen, block, RAGGED_SHAPE, mask, bias=bias)
-    # Outputs of an empty block row hold exactly the bias (or zero): nothing was added.
+    y, b = check(backend, device, gen, block, RAGGED_SHAPE, mask, bias=True)
+    # Outputs of an empty block row hold exactly the bias: nothing else was added.
+    # (Without bias they must be exactly 0: test_densities at density 0 checks that.)
     cols = [n for i in empty_rows for n in range(i * bn, min((i + 1) * bn, RAGGED_SHAPE[0]))]
-    expected = b[cols].expand(y.shape[0], -1) if bias else torch.zeros_like(y[:, cols])
-    assert torch.equal(y[:, cols], expected)
+    assert torch.equal(y[:, cols], b[cols].expand(y.shape[0], -1))
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2])
@@ -222,5 +221,5 @@ def test_rejects_w_on_another_device(small):
 
 def test_rejects_bias_on_another_device(small):
     W, x = small
-    with edgesparse.use_backend("reference"), pytest.raises(TypeError, match=r"^bias"):
+    with edgesparse.use_backend("reference"), pytest.raises(ValueError, match=r"^bias is on meta"):
         ops.bsr_linear(x, W, torch.randn(13, device="meta"))

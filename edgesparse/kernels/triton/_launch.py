@@ -19,9 +19,10 @@ import triton.language as tl
 from ...formats import BSR
 
 # Rows of x / dy per program. The heuristic takes the smallest that covers M (a decode
-# step with M=1 should not load 64 masked rows), capped by the accumulator budget below.
-BLOCK_M_CANDIDATES = (16, 32, 64, 128)
-_MAX_BLOCK_M = 64
+# step with M=1 should not load 64 masked rows), else the largest, then halves it while
+# the accumulator is over budget. 128 would only pay for dense-like shapes; a launch
+# override can still ask for it.
+BLOCK_M_CANDIDATES = (16, 32, 64)
 # fp32 accumulator elements per program: 64 x 128 is 64 registers a thread at 4 warps;
 # larger tiles spill, so the M tile shrinks as the block grows.
 _ACC_BUDGET = 64 * 128
@@ -85,7 +86,6 @@ def default_launch(m: int, block: Tuple[int, int], dtype: torch.dtype) -> Triton
     """The launch settings for M rows of activations and blocks of this shape."""
     side = max(tile_dims(block))
     block_m = next((c for c in BLOCK_M_CANDIDATES if c >= m), BLOCK_M_CANDIDATES[-1])
-    block_m = min(block_m, _MAX_BLOCK_M)
     while block_m > BLOCK_M_CANDIDATES[0] and block_m * side > _ACC_BUDGET:
         block_m //= 2
     num_warps = 4 if block_m * side <= 64 * 64 else 8

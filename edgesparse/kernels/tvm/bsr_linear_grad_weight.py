@@ -71,9 +71,9 @@ def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: 
     """Values [nnz_blocks, bn, bk] of dy.T @ x on W's pattern; dy [M, N], x [M, K] contiguous."""
     bn, bk = W.block
     sched = schedule or heuristic_grad_weight(W.block, dy.shape[0])
+    if W.nnz_blocks == 0 or dy.shape[0] == 0:
+        return torch.zeros_like(W.values)
     out = torch.empty_like(W.values)
-    if W.nnz_blocks == 0:
-        return out
     fn = compiled(_make_grad_weight, bn, bk, sched)
     fn(
         _panels(dy, W.padded_shape[0], bn),
