@@ -1,9 +1,10 @@
 """``edgesparse bench``: the three block-sparse products against torch dense and
 torch.sparse, measured in one run.
 
-Timing: providers are interleaved (one call of each per round) and the median of
-the rounds is kept, so a burst of load on a shared machine hits every provider
-alike; the ratios, not the absolute times, are the figures to quote.
+Timing: providers take turns within each round (a few warm-up calls, then a few
+timed ones) and the median over all rounds is kept, so a burst of load on a shared
+machine hits every provider alike; the ratios, not the absolute times, are the
+figures to quote.
 
 GFLOP/s are counted on the nonzeros: 2 * M * nnz_blocks * bn * bk per product.
 "% of dense rate" is our GFLOP/s over dense torch's GFLOP/s on the full matrix:
@@ -81,16 +82,23 @@ QUICK_CASES: Tuple[Case, ...] = tuple(
 )
 
 
-def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> Dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each provider.
+
+    Each round runs every provider in turn: ``warmup`` untimed calls, then ``calls``
+    timed ones. The warm-up matters on a 2-core machine: torch's OpenMP workers and
+    TVM's thread pool both spin for a while after a call, and a provider timed right
+    after the other one's call was measured up to 3x slower than in steady state.
+    """
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(warmup):
+                fn()
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
 
 

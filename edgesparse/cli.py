@@ -14,13 +14,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .kernels.dispatch import use_backend
 
     cases = bench.QUICK_CASES if args.quick else bench.DEFAULT_CASES
-    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 15)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     if rounds < 1:
         print(f"edgesparse bench: --rounds must be at least 1, got {rounds}", file=sys.stderr)
         return 2
     stamp = bench.environment_stamp()
     print(f"edgesparse bench on {stamp['processor']} ({stamp['cpus']} CPUs, torch {stamp['torch']} with "
-          f"{stamp['torch_threads']} threads, tvm {stamp['tvm']}); median of {rounds} interleaved rounds", flush=True)
+          f"{stamp['torch_threads']} threads, tvm {stamp['tvm']}); median of {rounds} rounds x 3 timed calls per provider", flush=True)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.backend:
         with use_backend(args.backend):
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the block-sparse products against torch dense and torch.sparse")
     b.add_argument("--quick", action="store_true", help="small shapes, a few seconds (a smoke run)")
-    b.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 15, quick 5)")
+    b.add_argument("--rounds", type=int, default=None, help="rounds per case, each 2 warm-up + 3 timed calls per provider (default 5, quick 2)")
     b.add_argument("--backend", choices=("tvm", "triton", "reference"), default=None,
                    help="force a backend (default: chosen per device)")
     b.add_argument("--out", type=Path, default=None,

@@ -28,7 +28,8 @@ def _bsr_linear_grad_weight_kernel(
     offs_k = tl.arange(0, BK)
     n = tl.load(row_indices_ptr + blk) * bn + offs_n
     k = tl.load(col_indices_ptr + blk) * bk + offs_k
-    # Lanes past the block or past N / K load zeros, so the block's padding comes out 0.
+    # Lanes past the block or past N / K load zeros (ops.bsr_linear_grad_weight then clears
+    # the padding, where a NaN or inf in dy or x can still leave 0 * inf).
     n_mask = (offs_n < bn) & (n < N)
     k_mask = (offs_k < bk) & (k < K)
 
