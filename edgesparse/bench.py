@@ -140,7 +140,17 @@ def providers(case: Case, generator: torch.Generator) -> Tuple[Dict[str, Callabl
         pattern = (masked != 0).to(torch.float32).to_sparse_csr()
         dyt = dy.T.contiguous()
         fns["torch_sparse"] = lambda: torch.sparse.sampled_addmm(pattern, dyt, x, beta=0.0)
+    if "torch_sparse" in fns and not _runs(fns["torch_sparse"]):
+        del fns["torch_sparse"]  # e.g. "MKL Sparse doesn't support matrices with non-square blocks"
     return fns, W.nnz_blocks
+
+
+def _runs(fn: Callable[[], object]) -> bool:
+    try:
+        fn()
+    except RuntimeError:
+        return False
+    return True
 
 
 def run_case(case: Case, rounds: int, seed: int = 0) -> Row:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["BSR", "pad_columns"]
+__all__ = ["BSR", "BSRIndex", "pad_columns"]
 
 _INDEX_DTYPE = torch.int32
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -78,6 +78,21 @@ def _blocks_of(w_padded: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     """View a padded (Np, Kp) matrix as [NB, KB, bn, bk] blocks."""
     np_, kp = w_padded.shape
     return w_padded.reshape(np_ // bn, bn, kp // bk, bk).permute(0, 2, 1, 3)
+
+
+class BSRIndex(NamedTuple):
+    """The int32 index tensors of a BSR (see the module docstring), without its values.
+
+    Lets a pattern travel as plain tensors — module buffers, custom-op arguments — and
+    be put back together with :meth:`BSR.from_index` without re-validating or re-sorting.
+    """
+
+    row_offsets: torch.Tensor
+    col_indices: torch.Tensor
+    row_indices: torch.Tensor
+    col_offsets: torch.Tensor
+    col_order: torch.Tensor
+    col_order_rows: torch.Tensor
 
 
 class BSR:
@@ -201,6 +216,25 @@ class BSR:
             mask = mask.reshape(blocks.shape[:2])
         return cls.from_mask(w, mask, (bn, bk))
 
+    @classmethod
+    def from_index(cls, values: torch.Tensor, index: BSRIndex, shape: Sequence[int]) -> "BSR":
+        """A BSR over ``index`` (taken from a validated BSR's ``.index``) with these ``values``.
+
+        Nothing is checked or copied: this is the per-call path of the autograd ops, which
+        get the pattern back as tensors a module built once through the validating
+        constructors.
+        """
+        out = object.__new__(cls)
+        out.__dict__.update(index._asdict())
+        out.values = values.contiguous()
+        out.shape = (int(shape[0]), int(shape[1]))
+        out.block = (int(values.shape[1]), int(values.shape[2]))
+        return out
+
+    @property
+    def index(self) -> BSRIndex:
+        return BSRIndex(*(getattr(self, name) for name in BSRIndex._fields))
+
     def with_values(self, values: torch.Tensor) -> "BSR":
         """A BSR with this pattern and new ``values`` (same shape); indices are shared, not copied."""
         if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(self.values.shape):
@@ -275,7 +309,7 @@ class BSR:
         out.__dict__.update(self.__dict__)
         out.values = values.contiguous()
         if values.device != self.values.device:
-            for name in ("row_offsets", "col_indices", "row_indices", "col_offsets", "col_order", "col_order_rows"):
+            for name in BSRIndex._fields:
                 setattr(out, name, getattr(self, name).to(values.device))
         return out
 

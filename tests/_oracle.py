@@ -20,9 +20,8 @@ import torch
 # what remains is accumulation error plus the rounding of the output, at most the unit
 # roundoff u of an element's magnitude: u = 2^-24 (fp32), 2^-11 = 4.9e-4 (fp16),
 # 2^-8 = 3.9e-3 (bf16). fp16 allows ~4u and bf16 ~2.5u (a bias added after rounding the
-# product rounds twice) for reductions of <= 140 terms accumulated in fp32, as a kernel
-# is expected to. (Summing block products in fp16/bf16, as reference.py's index_add_
-# into an output-dtype buffer does, already uses ~0.75 of this at these sizes.)
+# product rounds twice) for reductions of <= 140 terms accumulated in fp32, as every
+# backend does (summing block products in fp16/bf16 instead used ~0.75 of this already).
 # fp32 allows ~170u: the reduction itself, in any order, stays far below it, while TF32
 # (~1e-3) does not pass.
 TOLERANCES = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+from dataclasses import dataclass
 
 
 def cpu_count() -> int:
@@ -34,3 +36,35 @@ def cpu_target():
     import tvm
 
     return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name(), "num-cores": cpu_count()})
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """What the schedule heuristics need to know of the CPU's SIMD unit (fp32)."""
+
+    lanes: int  # fp32 lanes per vector register
+    registers: int  # architectural vector registers
+
+
+@functools.lru_cache(maxsize=None)
+def vector_unit() -> VectorUnit:
+    """AVX-512: 16 lanes x 32 registers; AVX/AVX2: 8 x 16; aarch64 NEON: 4 x 32; else SSE 4 x 16."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return VectorUnit(4, 32)
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return VectorUnit(16, 32)
+    if "avx" in flags:
+        return VectorUnit(8, 16)
+    return VectorUnit(4, 16)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -1,0 +1,124 @@
+"""The autograd bridge: the three block-sparse products as ``torch.library`` custom ops.
+
+The ops take plain tensors — the values ``[nnzb, bn, bk]``, the int32 index tensors of
+:class:`~edgesparse.formats.BSRIndex` as one ``Tensor[]`` argument, and the logical
+shape ``(N, K)`` as two ints — never a :class:`BSR` object, so ``torch.compile`` sees
+each op as one opaque node with a fake implementation and traces a training step
+without a graph break. The real implementations put a BSR view back together over the
+same tensors (:meth:`BSR.from_index`: no checks, no copies, no sorting; the index was
+built and validated once, by the module that owns it) and call the dispatching
+products of :mod:`edgesparse.ops`, which check the operands.
+
+The autograd formula of ``edgesparse::bsr_linear`` writes each backward as another
+sparse product, and runs only those whose input asks for a gradient:
+
+- d/dx      = ``bsr_linear_grad_input(dy, W)``
+- d/dvalues = ``bsr_linear_grad_weight(dy, x, W).values`` (W's own pattern; the dense
+  N x K gradient is never formed)
+- d/dbias   = dy summed over every leading dimension
+
+The backward products are not differentiable themselves (no double backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..formats import BSR, BSRIndex
+from ..kernels import dispatch
+
+__all__ = ["sparse_linear"]
+
+
+def _weight(values: Tensor, index: Sequence[Tensor], n: int, k: int) -> BSR:
+    return BSR.from_index(values, BSRIndex(*index), (n, k))
+
+
+def _on(backend: Optional[str]):
+    """Run on ``backend`` when the forward had one requested, else let dispatch choose."""
+    return dispatch.use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
+@torch.library.custom_op("edgesparse::bsr_linear", mutates_args=())
+def _bsr_linear(x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, bias: Optional[Tensor]) -> Tensor:
+    return ops.bsr_linear(x, _weight(values, index, n, k), bias)
+
+
+@_bsr_linear.register_fake
+def _(x, values, index, n, k, bias):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+# The backward products take the backend the forward was asked to run on (None: automatic
+# choice). Autograd runs a CUDA graph's backward on its own device threads, which do not
+# see the caller's use_backend() context, so reading it there would silently switch
+# backends between forward and backward.
+@torch.library.custom_op("edgesparse::bsr_linear_grad_input", mutates_args=())
+def _bsr_linear_grad_input(
+    dy: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, backend: Optional[str]
+) -> Tensor:
+    with _on(backend):
+        return ops.bsr_linear_grad_input(dy, _weight(values, index, n, k))
+
+
+@_bsr_linear_grad_input.register_fake
+def _(dy, values, index, n, k, backend):
+    return dy.new_empty((*dy.shape[:-1], k))
+
+
+@torch.library.custom_op("edgesparse::bsr_linear_grad_weight", mutates_args=())
+def _bsr_linear_grad_weight(
+    dy: Tensor, x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, backend: Optional[str]
+) -> Tensor:
+    with _on(backend):
+        return ops.bsr_linear_grad_weight(dy, x, _weight(values, index, n, k)).values
+
+
+@_bsr_linear_grad_weight.register_fake
+def _(dy, x, values, index, n, k, backend):
+    return torch.empty_like(values)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, index, n, k, _bias = inputs
+    # x is kept only for the weight gradient: a frozen layer does not hold its input alive.
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, *index)
+    ctx.n, ctx.k = n, k
+    # Under torch.compile this runs once, while the graph is traced, so a compiled
+    # backward keeps the backend requested at compile time.
+    ctx.backend = dispatch.requested_backend()
+
+
+def _backward(ctx, dy):
+    x, values, *index = ctx.saved_tensors
+    needs_x, needs_values, _, _, _, needs_bias = ctx.needs_input_grad
+    dx = dvalues = dbias = None
+    if needs_x:
+        dx = _bsr_linear_grad_input(dy, values, index, ctx.n, ctx.k, ctx.backend)
+    if needs_values:
+        dvalues = _bsr_linear_grad_weight(dy, x, values, index, ctx.n, ctx.k, ctx.backend)
+    if needs_bias:
+        dbias = dy.reshape(-1, ctx.n).sum(0)
+    # The Tensor[] index takes a list of (no) gradients, one per tensor.
+    return dx, dvalues, [None] * len(index), None, None, dbias
+
+
+torch.library.register_autograd("edgesparse::bsr_linear", _backward, setup_context=_setup_context)
+
+
+def sparse_linear(
+    x: Tensor, values: Tensor, index: BSRIndex, shape: Sequence[int], bias: Optional[Tensor] = None
+) -> Tensor:
+    """``x @ W.T + bias`` for the block-sparse W with these ``values`` [nnzb, bn, bk] on the
+    pattern ``index`` (a :class:`BSRIndex`, e.g. ``W.index`` of a BSR) and logical
+    ``shape`` (N, K); x of shape [..., K], result [..., N].
+
+    Differentiable in x, values and bias, with every gradient computed by a sparse
+    product; ``torch.compile`` traces it without a graph break.
+    """
+    return _bsr_linear(x, values, list(index), int(shape[0]), int(shape[1]), bias)
