@@ -4,9 +4,9 @@ Importing the package loads neither TVM nor Triton; a backend is imported the fi
 time an op is dispatched to it.
 """
 
-from . import ops
+from . import nn, ops
 from .formats import BSR
 from .kernels.dispatch import BackendUnavailableError, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["BSR", "ops", "use_backend", "BackendUnavailableError", "__version__"]
+__all__ = ["BSR", "nn", "ops", "use_backend", "BackendUnavailableError", "__version__"]

@@ -49,6 +49,14 @@ def _check_block(block) -> Tuple[int, int]:
     return int(bn), int(bk)
 
 
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a float in [0, 1], got {density!r}")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must lie in [0, 1], got {density}")
+    return float(density)
+
+
 def _check_weight(w, name: str = "w") -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
@@ -202,12 +210,9 @@ class BSR:
         if density is None:
             mask = (blocks != 0).any(dim=-1).any(dim=-1)
         else:
-            if isinstance(density, bool) or not isinstance(density, numbers.Real):
-                raise TypeError(f"density must be a float in [0, 1], got {density!r}")
-            if not 0.0 <= float(density) <= 1.0:
-                raise ValueError(f"density must lie in [0, 1], got {density}")
+            density = _check_density(density)
             norms = blocks.float().pow(2).sum(dim=(-1, -2)).flatten()
-            keep = math.floor(float(density) * norms.numel() + 0.5)  # halves round up
+            keep = math.floor(density * norms.numel() + 0.5)  # halves round up
             mask = torch.zeros_like(norms, dtype=torch.bool)
             if keep:
                 # Stable descending sort: equal norms keep row-major order.

@@ -1,0 +1,8 @@
+"""The PyTorch bridge: block-sparse products as differentiable custom ops, drop-in
+sparse layers, and ``sparsify`` to swap a model's layers by name."""
+
+from .functional import sparse_linear
+from .modules import SparseLinear
+from .sparsify import SparseScheme, sparsify
+
+__all__ = ["SparseLinear", "SparseScheme", "sparse_linear", "sparsify"]
