@@ -112,8 +112,8 @@ def test_backward_runs_on_the_backend_the_forward_was_asked_for(gen, monkeypatch
 
 
 def test_compiled_training_step_has_no_graph_break(gen):
-    model = nn.Sequential(SparseLinear(19, 13, BLOCK, 0.5), nn.ReLU(), SparseLinear(13, 3, BLOCK, 0.7))
-    x, target = randn((5, 19), gen), randn((5, 3), gen)
+    model = nn.Sequential(SparseLinear(19, 13, BLOCK, 0.5), nn.ReLU(), SparseLinear(13, 6, BLOCK, 0.7))
+    x, target = randn((5, 19), gen), randn((5, 6), gen)
     params = list(model.parameters())
 
     def step(x, target):

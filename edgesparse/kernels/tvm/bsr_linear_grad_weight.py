@@ -19,7 +19,7 @@ import torch
 
 from ...formats import BSR, pad_columns
 from ._runtime import compiled
-from .schedule import Schedule, heuristic_grad_weight
+from .schedule import Schedule, check_fits, heuristic_grad_weight
 
 
 def _make_grad_weight(bn: int, bk: int, sched: Schedule):
@@ -71,6 +71,9 @@ def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: 
     """Values [nnz_blocks, bn, bk] of dy.T @ x on W's pattern; dy [M, N], x [M, K] contiguous."""
     bn, bk = W.block
     sched = schedule or heuristic_grad_weight(W.block, dy.shape[0])
+    check_fits(sched, bk, None, "column")
+    if bn % sched.rows:
+        raise ValueError(f"schedule.rows={sched.rows} must divide the block's row count {bn}")
     if W.nnz_blocks == 0 or dy.shape[0] == 0:
         return torch.zeros_like(W.values)
     out = torch.empty_like(W.values)

@@ -58,6 +58,18 @@ class Schedule:
             raise ValueError(f"Schedule.parallel must be one of {PARALLEL_CANDIDATES}, got {self.parallel!r}")
 
 
+def check_fits(schedule: Schedule, tiled: int, reduced: int | None, what: str) -> None:
+    """Raise if the schedule's tile does not divide the block side it tiles.
+
+    tiled: the side cut into ``cols``-wide tiles (grad-weight: also into ``rows``);
+    reduced: the loop unrolled by ``unroll``, when the unroll must divide it.
+    """
+    if tiled % schedule.cols:
+        raise ValueError(f"schedule.cols={schedule.cols} must divide the {what} block side {tiled}")
+    if reduced is not None and reduced % schedule.unroll:
+        raise ValueError(f"schedule.unroll={schedule.unroll} must divide the {what} reduction length {reduced}")
+
+
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
@@ -70,17 +82,29 @@ def _tile(width: int, accumulators: int, max_cols: int, simd: VectorUnit) -> Tup
     return max(1, accumulators // vectors), cols
 
 
-def heuristic_block_rows(out_width: int, in_depth: int, out_block_rows: int, threads: int,
+def _rows_for_batch(batch: int, max_rows: int) -> int:
+    """The tile height for a batch, which is padded to whole tiles.
+
+    A model, not a measurement: a tile of r rows costs max(r, 4) + 1 steps per reduction
+    step, since under 4 rows the FMA latency (4 cycles, 2 units) leaves too few
+    independent accumulators to hide, and the +1 is the tile's own loads. Ties go to the
+    shorter tile (less padding). 256 rows -> 6, 8 -> 4, 7 -> 4, 2 -> 2, 1 -> 1.
+    """
+    return min(range(1, max_rows + 1), key=lambda r: -(-batch // r) * (max(r, 4) + 1))
+
+
+def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_rows: int, threads: int,
                          simd: VectorUnit | None = None) -> Schedule:
     """Knobs for the block-row kernel (forward and grad-input).
 
-    out_width: columns of one output block (vectorised); in_depth: the block's
-    reduction length; out_block_rows: how many output block rows there are to share out.
+    batch: rows of x (dy); out_width: columns of one output block (vectorised);
+    in_depth: the block's reduction length; out_block_rows: how many output block rows
+    there are to share out.
     """
     simd = simd or vector_unit()
     # 3/4 of the registers accumulate, two vectors wide: 6 x 16 on AVX2.
     rows, cols = _tile(out_width, simd.registers * 3 // 4, 2 * simd.lanes, simd)
-    rows = min(rows, simd.registers * 3 // 8)
+    rows = _rows_for_batch(batch, min(rows, simd.registers * 3 // 8))
     parallel = "blocks" if out_block_rows >= 4 * threads else "batch"
     return Schedule(rows, cols, _largest_divisor_at_most(in_depth, 4), parallel)
 
