@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...formats import BSR
+from ...formats import BSR, pad_columns
 from ._block_rows import block_rows_product
 from ._runtime import cached_on, threads
 from .schedule import Schedule, heuristic_block_rows
@@ -27,6 +27,10 @@ def bsr_linear(x: torch.Tensor, W: BSR, bias: torch.Tensor | None = None, schedu
         y = torch.zeros(x.shape[0], n, dtype=x.dtype)
         return y + bias if bias is not None else y
     sched = schedule or heuristic_block_rows(x.shape[0], bn, bk, W.block_rows, threads())
-    return block_rows_product(
-        x, W.padded_shape[1], transposed_values(W), W.row_offsets, W.col_indices, None, bias, n, sched
+    # Odd shapes: x is padded to whole block columns, a padded bias and output are cut back.
+    padded_bias = pad_columns(bias[None], W.padded_shape[0])[0] if bias is not None else None
+    y = block_rows_product(
+        pad_columns(x, W.padded_shape[1]), transposed_values(W), W.row_offsets, W.col_indices, None, padded_bias,
+        W.padded_shape[0], sched,
     )
+    return y[:, :n] if y.shape[1] != n else y

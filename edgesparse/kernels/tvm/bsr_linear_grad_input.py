@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...formats import BSR
+from ...formats import BSR, pad_columns
 from ._block_rows import block_rows_product
 from ._runtime import threads
 from .schedule import Schedule, heuristic_block_rows
@@ -17,6 +17,8 @@ def bsr_linear_grad_input(dy: torch.Tensor, W: BSR, schedule: Schedule | None = 
     if dy.shape[0] == 0 or W.nnz_blocks == 0:
         return torch.zeros(dy.shape[0], k, dtype=dy.dtype)
     sched = schedule or heuristic_block_rows(dy.shape[0], bk, bn, W.block_cols, threads())
-    return block_rows_product(
-        dy, W.padded_shape[0], W.values, W.col_offsets, W.col_order_rows, W.col_order, None, k, sched
+    dx = block_rows_product(
+        pad_columns(dy, W.padded_shape[0]), W.values, W.col_offsets, W.col_order_rows, W.col_order, None,
+        W.padded_shape[1], sched,
     )
+    return dx[:, :k] if dx.shape[1] != k else dx
