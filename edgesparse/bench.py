@@ -250,6 +250,31 @@ def write_results(rows: Sequence[Row], stamp: Dict[str, object], out: Path) -> T
     return json_path, csv_path
 
 
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    """Bar chart of the speed-ups over torch dense and torch.sparse, one group per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.op}\nM={r.m} {r.block} {r.density:.0%}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    ax.bar([x - 0.2 for x in xs], [r.speedup_vs_dense for r in rows], 0.4, label="vs torch dense")
+    ax.bar([x + 0.2 for x in xs], [r.speedup_vs_torch_sparse or 0 for r in rows], 0.4, label="vs torch.sparse (BSR; sampled_addmm for grad-weight)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("speed-up (same run)")
+    ax.set_title("edgesparse block-sparse products against torch, measured in one run")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def run(cases: Iterable[Case], rounds: int, progress: Callable[[str], None] = print) -> List[Row]:
     cases = list(cases)
     rows = []

@@ -30,7 +30,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(bench.format_table(rows))
     out = args.out or Path("results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     json_path, csv_path = bench.write_results(rows, stamp, Path(out))
-    print(f"wrote {json_path} and {csv_path}")
+    png_path = bench.plot(rows, Path(out).with_suffix(".png"))
+    print(f"wrote {json_path}, {csv_path} and {png_path}")
     return 0
 
 

@@ -25,6 +25,7 @@ def test_quick_bench_writes_consistent_rows(tmp_path, capsys):
         assert r["pct_of_dense_rate"] == pytest.approx(100 * r["gflops_nnz"] / dense_rate)
     csv_lines = out.with_suffix(".csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + len(rows)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "grad_weight" in printed and "x t.sparse" in printed
 
