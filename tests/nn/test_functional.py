@@ -17,7 +17,7 @@ import edgesparse
 from edgesparse import BSR
 from edgesparse.kernels import dispatch
 from edgesparse.nn import SparseLinear, sparse_linear
-from tests._oracle import assert_close, blocks_in_mask_order, device_for, masked_dense, random_mask, randn, to64
+from tests._oracle import assert_close, blocks_in_mask_order, device_for, grid, masked_dense, random_mask, randn, to64
 
 BLOCK = (4, 4)
 SHAPE = (13, 19)  # (N, K): ragged for 4x4 blocks
@@ -45,7 +45,7 @@ def spy(monkeypatch, backend):
 
 def problem(gen, dtype, device, density=0.5):
     """(x, values, bias, W, mask): leaves that require grad and the test's block mask."""
-    mask = random_mask(2 * 2, 5, density, gen)  # the 4 x 5 block grid of SHAPE
+    mask = random_mask(*grid(SHAPE, BLOCK), density, gen)
     W = BSR.from_mask(randn(SHAPE, gen, dtype, device), mask, BLOCK)
     x = randn((*BATCH, SHAPE[1]), gen, dtype, device).requires_grad_()
     values = W.values.clone().requires_grad_()
@@ -57,6 +57,21 @@ def test_gradcheck_reference_fp64(gen):
     x, values, bias, W, _ = problem(gen, torch.float64, "cpu")
     with edgesparse.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, v, W.index, W.shape, b), (x, values, bias))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck_schema_fake_and_autograd_registration(op, gen):
+    x, values, bias, W, _ = problem(gen, torch.float32, "cpu")
+    dy = randn((*BATCH, SHAPE[0]), gen)
+    index, (n, k) = list(W.index), W.shape
+    args = {
+        # The backward products are not differentiable: their operands do not ask for grad.
+        "bsr_linear": (x, values, index, n, k, bias),
+        "bsr_linear_grad_input": (dy, values.detach(), index, n, k, "reference"),
+        "bsr_linear_grad_weight": (dy, x.detach(), values.detach(), index, n, k, "reference"),
+    }[op]
+    with edgesparse.use_backend("reference"):
+        torch.library.opcheck(getattr(torch.ops.edgesparse, op).default, args)
 
 
 # Triton runs under its interpreter on CPU: SHAPE is small enough for it.
