@@ -82,19 +82,27 @@ QUICK_CASES: Tuple[Case, ...] = tuple(
 )
 
 
-def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3, warmup: int = 2) -> Dict[str, float]:
+# Warm-up before each provider's timed calls: at least this many calls and seconds.
+_WARMUP_CALLS = 3
+_WARMUP_SECONDS = 0.05
+
+
+def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3) -> Dict[str, float]:
     """Median seconds per call of each provider.
 
-    Each round runs every provider in turn: ``warmup`` untimed calls, then ``calls``
-    timed ones. The warm-up matters on a 2-core machine: torch's OpenMP workers and
-    TVM's thread pool both spin for a while after a call, and a provider timed right
-    after the other one's call was measured up to 3x slower than in steady state.
+    Each round runs every provider in turn: a warm-up, then ``calls`` timed calls. The
+    warm-up matters on a 2-core machine: torch's OpenMP workers and TVM's thread pool
+    both spin for a while after a call, and the other library's first calls after a
+    switch ran up to 3x slower (ours: 6-8 ms settling to 2.3-2.9 ms over ~15 ms;
+    torch dense: 57 ms settling to 23 ms), so the warm-up lasts at least 50 ms.
     """
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(warmup):
+            start, done = time.perf_counter(), 0
+            while done < _WARMUP_CALLS or time.perf_counter() - start < _WARMUP_SECONDS:
                 fn()
+                done += 1
             for _ in range(calls):
                 start = time.perf_counter()
                 fn()

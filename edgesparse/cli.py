@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the block-sparse products against torch dense and torch.sparse")
     b.add_argument("--quick", action="store_true", help="small shapes, a few seconds (a smoke run)")
-    b.add_argument("--rounds", type=int, default=None, help="rounds per case, each 2 warm-up + 3 timed calls per provider (default 5, quick 2)")
+    b.add_argument("--rounds", type=int, default=None, help="rounds per case, each a 50 ms warm-up + 3 timed calls per provider (default 5, quick 2)")
     b.add_argument("--backend", choices=("tvm", "triton", "reference"), default=None,
                    help="force a backend (default: chosen per device)")
     b.add_argument("--out", type=Path, default=None,

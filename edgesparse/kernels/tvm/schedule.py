@@ -5,18 +5,17 @@ the matrix sizes and the number of blocks stay symbolic, so one build serves eve
 layer with the same block shape. The tuner (compiler issue) will search the knobs;
 until it has, ``heuristic_*`` decides from the CPU's vector unit.
 
-Measured on the Zen 3 dev machine (AVX2: 8 fp32 lanes, 16 registers; 2 threads;
-x 256x2048, W 2048x2048 at 10% unless noted), GFLOP/s on the nonzeros:
+Measured on the Zen 3 dev machine (AVX2: 8 fp32 lanes, 16 registers; both threads;
+x 256x2048, W 2048x2048), GFLOP/s on the nonzeros, best tile first:
 
-- forward / grad-input (the block-row kernel): a tile of 6 batch rows x 16 columns
-  (12 accumulator registers, the shape of the classic 6x16 AVX2 GEMM micro-kernel)
-  was best or within noise of best at every block: forward 32x32 at 50% 75 (rows=2,
-  cols=32: 63), grad-input 32x32 57, 16x16 49; forward 8x8 24 with 6x8.
-- grad-weight: 8 accumulator registers won (rows=2 x cols=32 at 32x32: 43.5;
-  rows=4 x cols=16 at 16x16: 52), a 12-register tile lost a few percent.
+- forward 32x32 at 10%: 2x32 114, 4x16 102;  at 50%: 6x16 122, 4x16 117
+- forward 16x16 at 10%: 4x16 79, 6x16 78;    grad-input 32x32 at 10%: 4x16 100, 2x32 87
+- grad-weight 32x32 at 10%: 4x16 65, 2x32 54; 16x16: 4x16 54
 
-On AVX-512 (16 lanes, 32 registers) the same rules give twice-as-wide, twice-as-tall
-tiles; that is the rule scaled, not a measurement.
+A tile two vectors wide and half the registers deep in accumulators (4 x 16 on AVX2)
+was best or within 12% of best in every case, so both heuristics use it. On AVX-512
+(16 lanes, 32 registers) the same rule gives 8 x 32; that is the rule scaled, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -74,23 +73,24 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _tile(width: int, accumulators: int, max_cols: int, simd: VectorUnit) -> Tuple[int, int]:
-    """(rows, cols) of a register tile over an output side of ``width`` columns that
-    holds about ``accumulators`` vector registers."""
-    cols = width if width <= max_cols else _largest_divisor_at_most(width, max_cols)
+def _tile(width: int, simd: VectorUnit) -> Tuple[int, int]:
+    """(rows, cols) of the register tile over an output side of ``width`` columns: two
+    vectors wide (or the whole side when it is narrower or not a multiple), with half
+    the vector registers holding accumulators."""
+    cols = width if width <= 2 * simd.lanes else _largest_divisor_at_most(width, 2 * simd.lanes)
     vectors = -(-cols // simd.lanes)
-    return max(1, accumulators // vectors), cols
+    return max(1, simd.registers // 2 // vectors), cols
 
 
 def _rows_for_batch(batch: int, max_rows: int) -> int:
-    """The tile height for a batch, which is padded to whole tiles.
+    """The tile height for a batch, whose last tile runs one row at a time.
 
     A model, not a measurement: a tile of r rows costs max(r, 4) + 1 steps per reduction
     step, since under 4 rows the FMA latency (4 cycles, 2 units) leaves too few
-    independent accumulators to hide, and the +1 is the tile's own loads. Ties go to the
-    shorter tile (less padding). 256 rows -> 6, 8 -> 4, 7 -> 4, 2 -> 2, 1 -> 1.
+    independent accumulators to hide, and the +1 is the tile's own loads; the rows left
+    over cost 5 each. Ties go to the shorter tile. 256 rows -> 4, 7 -> 3, 2 -> 2, 1 -> 1.
     """
-    return min(range(1, max_rows + 1), key=lambda r: -(-batch // r) * (max(r, 4) + 1))
+    return min(range(1, max_rows + 1), key=lambda r: (batch // r) * (max(r, 4) + 1) + (batch % r) * 5)
 
 
 def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_rows: int, threads: int,
@@ -102,16 +102,14 @@ def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_ro
     there are to share out.
     """
     simd = simd or vector_unit()
-    # 3/4 of the registers accumulate, two vectors wide: 6 x 16 on AVX2.
-    rows, cols = _tile(out_width, simd.registers * 3 // 4, 2 * simd.lanes, simd)
-    rows = _rows_for_batch(batch, min(rows, simd.registers * 3 // 8))
+    rows, cols = _tile(out_width, simd)
     parallel = "blocks" if out_block_rows >= 4 * threads else "batch"
-    return Schedule(rows, cols, _largest_divisor_at_most(in_depth, 4), parallel)
+    return Schedule(_rows_for_batch(batch, rows), cols, _largest_divisor_at_most(in_depth, 4), parallel)
 
 
 def heuristic_grad_weight(block: Tuple[int, int], batch: int, simd: VectorUnit | None = None) -> Schedule:
     """Knobs for grad-weight: the register tile covers (rows of the block) x (cols of the block)."""
     simd = simd or vector_unit()
     bn, bk = block
-    rows, cols = _tile(bk, simd.registers // 2, 4 * simd.lanes, simd)
+    rows, cols = _tile(bk, simd)
     return Schedule(_largest_divisor_at_most(bn, rows), cols, 4 if batch >= 16 else 1, "blocks")
