@@ -14,6 +14,8 @@ from typing import Sequence, Tuple
 import pytest
 import torch
 
+from edgesparse import BSR
+
 # ---------------------------------------------------------------- tolerances
 # Max abs error allowed, relative to the oracle's scale (max |oracle|). The oracle is
 # computed in float64 from the very same (already rounded) low-precision inputs, so
@@ -31,6 +33,21 @@ TOLERANCES = {
     torch.float64: 1e-12,
 }
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+# fp32 runs on every backend (the `backend` fixture); these add the other dtypes. fp16 and
+# bf16 are triton's; the reference is what dispatch falls back to for them (and for fp64)
+# on a CPU, so it is held to the same tolerances.
+LOW_PRECISION_CASES = [
+    pytest.param(backend, dtype, id=f"{backend}-{DTYPE_IDS[dtype]}")
+    for backend, dtype in [
+        ("triton", torch.float16),
+        ("triton", torch.bfloat16),
+        ("reference", torch.float16),
+        ("reference", torch.bfloat16),
+        ("reference", torch.float64),
+    ]
+]
+
 
 # ---------------------------------------------------------------- shapes
 BLOCK_SHAPES = [(1, 4), (4, 1), (8, 4), (8, 8), (16, 16), (32, 32), (64, 64), (3, 5)]
@@ -212,3 +229,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         f"{what}: max abs error {worst:.3g} at {where} exceeds {TOLERANCES[dtype]:g} x scale {scale:.3g} "
         f"({DTYPE_IDS[dtype]}); got {float(a[tuple(where)]):.6g}, expected {float(e[tuple(where)]):.6g}"
     )
+
+
+def build_weight(shape, block, mask, gen, dtype, device):
+    """The BSR under test and its float64 dense oracle, both from the test's mask."""
+    w = randn(shape, gen, dtype)
+    return BSR.from_mask(w.to(device), mask, block), masked_dense(w, mask, block)

@@ -10,7 +10,8 @@ import torch
 import edgesparse
 from edgesparse import BSR, BackendUnavailableError, ops
 from tests._oracle import (
-    DTYPE_IDS,
+    LOW_PRECISION_CASES,
+    build_weight,
     LAYOUTS,
     RAGGED_SHAPE,
     SHAPE_KINDS,
@@ -22,31 +23,10 @@ from tests._oracle import (
     logical_shape,
     make_operand,
     mask_with_empty_lines,
-    masked_dense,
     random_mask,
     randn,
     to64,
 )
-
-# fp32 runs on every backend (the `backend` fixture); these add the other dtypes. fp16 and
-# bf16 are triton's; the reference is what dispatch falls back to for them (and for fp64)
-# on a CPU, so it is held to the same tolerances.
-LOW_PRECISION_CASES = [
-    pytest.param(backend, dtype, id=f"{backend}-{DTYPE_IDS[dtype]}")
-    for backend, dtype in [
-        ("triton", torch.float16),
-        ("triton", torch.bfloat16),
-        ("reference", torch.float16),
-        ("reference", torch.bfloat16),
-        ("reference", torch.float64),
-    ]
-]
-
-
-def build_weight(shape, block, mask, gen, dtype, device):
-    """The BSR under test and its float64 dense oracle, both from the test's mask."""
-    w = randn(shape, gen, dtype)
-    return BSR.from_mask(w.to(device), mask, block), masked_dense(w, mask, block)
 
 
 def forward(backend, x, W, bias=None):

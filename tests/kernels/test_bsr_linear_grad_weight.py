@@ -11,7 +11,7 @@ import torch
 import edgesparse
 from edgesparse import BSR, BackendUnavailableError, ops
 from tests._oracle import (
-    DTYPE_IDS,
+    LOW_PRECISION_CASES,
     LAYOUTS,
     RAGGED_SHAPE,
     SHAPE_KINDS,
@@ -30,20 +30,6 @@ from tests._oracle import (
     randn,
     to64,
 )
-
-# fp32 runs on every backend (the `backend` fixture); these add the other dtypes. fp16 and
-# bf16 are triton's; the reference is what dispatch falls back to for them (and for fp64)
-# on a CPU, so it is held to the same tolerances.
-LOW_PRECISION_CASES = [
-    pytest.param(backend, dtype, id=f"{backend}-{DTYPE_IDS[dtype]}")
-    for backend, dtype in [
-        ("triton", torch.float16),
-        ("triton", torch.bfloat16),
-        ("reference", torch.float16),
-        ("reference", torch.bfloat16),
-        ("reference", torch.float64),
-    ]
-]
 
 
 def grad_weight(backend, dy, x, W):
