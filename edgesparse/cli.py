@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional, Sequence
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .kernels.dispatch import use_backend
+    from .kernels.dispatch import BackendUnavailableError, use_backend
 
     cases = bench.QUICK_CASES if args.quick else bench.DEFAULT_CASES
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
@@ -22,11 +23,12 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"edgesparse bench on {stamp['processor']} ({stamp['cpus']} CPUs, torch {stamp['torch']} with "
           f"{stamp['torch_threads']} threads, tvm {stamp['tvm']}); median of {rounds} rounds x 3 timed calls per provider", flush=True)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.backend:
-        with use_backend(args.backend):
+    try:
+        with use_backend(args.backend) if args.backend else contextlib.nullcontext():
             rows = bench.run(cases, rounds, progress)
-    else:
-        rows = bench.run(cases, rounds, progress)
+    except BackendUnavailableError as err:
+        print(f"edgesparse bench: {err}", file=sys.stderr)
+        return 2
     print(bench.format_table(rows))
     out = args.out or Path("results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     json_path, csv_path = bench.write_results(rows, stamp, Path(out))

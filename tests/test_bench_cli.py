@@ -33,3 +33,9 @@ def test_quick_bench_writes_consistent_rows(tmp_path, capsys):
 def test_bench_rejects_bad_rounds(capsys):
     assert cli.main(["bench", "--quick", "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_bench_reports_an_unavailable_backend(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then cannot take CPU tensors
+    assert cli.main(["bench", "--quick", "--rounds", "1", "--backend", "triton"]) == 2
+    assert "backend 'triton' was requested but cannot run" in capsys.readouterr().err
