@@ -33,7 +33,7 @@ def compiled(make_prim_func: Callable, *params: Hashable):
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
     """A contiguous, 64-byte-aligned tensor with t's data (t itself when it already is)."""
     if not t.is_contiguous() or t.data_ptr() % _ALIGNMENT:
-        t = t.contiguous() if not t.is_contiguous() else t.clone()
+        t = t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned
     return t
 
 
