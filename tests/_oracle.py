@@ -163,6 +163,25 @@ def expected_indices(mask: torch.Tensor):
     return as_t(row_offsets), as_t(col_indices), as_t(row_indices)
 
 
+def top_blocks_mask(w: torch.Tensor, block: Tuple[int, int], density: float) -> torch.Tensor:
+    """The density * blocks (halves up) blocks of w [N, K] with the largest L2 norm, the
+    norms computed by a loop over blocks."""
+    nb, kb = grid(tuple(w.shape), block)
+    bn, bk = block
+    p = padded(to64(w), block)
+    norms = torch.tensor([[float(p[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].norm()) for j in range(kb)] for i in range(nb)])
+    keep = math.floor(density * nb * kb + 0.5)
+    mask = torch.zeros(nb * kb, dtype=torch.bool)
+    mask[norms.flatten().argsort(descending=True)[:keep]] = True
+    return mask.reshape(nb, kb)
+
+
+def assert_pattern(layer, mask: torch.Tensor) -> None:
+    """A sparse layer's saved pattern (row_offsets, col_indices) is exactly ``mask``'s."""
+    row_offsets, col_indices, _ = expected_indices(mask)
+    assert torch.equal(layer.row_offsets, row_offsets) and torch.equal(layer.col_indices, col_indices)
+
+
 def padding_mask(nnz_rows: torch.Tensor, nnz_cols: torch.Tensor, block, shape) -> torch.Tensor:
     """[nnzb, bn, bk] bool: True where an entry of a stored block lies outside the logical shape."""
     bn, bk = block

@@ -2,7 +2,7 @@
 sparse layers, and ``sparsify`` to swap a model's layers by name."""
 
 from .functional import sparse_linear
-from .modules import SparseLinear
+from .modules import SparseConv2d, SparseLinear
 from .sparsify import SparseScheme, sparsify
 
-__all__ = ["SparseLinear", "SparseScheme", "sparse_linear", "sparsify"]
+__all__ = ["SparseConv2d", "SparseLinear", "SparseScheme", "sparse_linear", "sparsify"]

@@ -6,85 +6,68 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..formats import BSR, BSRIndex, _check_block
 from .functional import sparse_linear
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseConv2d", "SparseLinear"]
 
 # The pattern's canonical form, saved in the state_dict. The other index tensors are
 # derived from it (and from the shape), so they are rebuilt on load rather than trusted.
 _SAVED_INDEX = ("row_offsets", "col_indices")
 
 
-class SparseLinear(nn.Module):
-    """``nn.Linear`` with a block-sparse weight: y = x @ W.T + bias, where W [out_features,
-    in_features] keeps ``density`` of its (bn, bk) blocks. Forward and backward both run
-    on the sparse products, and the weight gradient lives on the kept blocks only.
+class _BlockSparseLayer(nn.Module):
+    """What the sparse layers share: a weight matrix of logical ``shape`` (N, K) whose kept
+    (bn, bk) blocks are one parameter, ``values`` [nnz_blocks, bn, bk], so any torch
+    optimizer keeps its state (momentum, Adam's moments) for the nonzeros only; the
+    pattern in the int32 buffers of :class:`~edgesparse.formats.BSRIndex`, which move with
+    ``.to()``; and a dense ``bias`` [N] or None.
 
-    The kept blocks are one parameter, ``values`` [nnz_blocks, bn, bk], so any torch
-    optimizer keeps its state (momentum, Adam's moments) for the nonzeros only. The
-    pattern lives in int32 buffers (those of :class:`~edgesparse.formats.BSRIndex`):
-    it moves with ``.to()``, and ``row_offsets`` / ``col_indices`` are saved in the
-    state_dict, so loading one restores the pattern too (resizing ``values`` when the
-    saved pattern keeps a different number of blocks).
-
-    A new layer starts from ``nn.Linear``'s initialisation and keeps the blocks of
-    largest L2 norm; :meth:`from_dense` does the same with an existing layer's weights.
+    ``row_offsets`` / ``col_indices`` are saved in the state_dict, so loading one restores
+    the pattern too (resizing ``values`` when the saved pattern keeps a different number
+    of blocks). A subclass defines ``shape`` and ``_weight_desc`` (N and K in the layer's
+    own terms, for error messages) and calls :meth:`_adopt` with a dense layer's weight.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        block,
-        density: float,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        self._adopt(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), block, density)
+    @property
+    def shape(self) -> Tuple[int, int]:
+        raise NotImplementedError
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, block, density: Optional[float] = None) -> "SparseLinear":
-        """A SparseLinear holding ``linear``'s weights on the ``density`` fraction of its
-        blocks with the largest L2 norm (``density=None``: every block holding a nonzero).
+    @property
+    def _weight_desc(self) -> str:
+        raise NotImplementedError
 
-        Values and bias are copies: ``linear`` itself is left untouched.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module._adopt(linear, block, density)
-        return module
-
-    def _adopt(self, linear: nn.Linear, block, density: Optional[float]) -> None:
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    def _adopt(self, weight: torch.Tensor, bias: Optional[torch.Tensor], block, density: Optional[float]) -> None:
+        """Keep ``density`` of the blocks of ``weight`` (reshaped to ``shape``) with the largest
+        L2 norm (None: every block holding a nonzero); values and bias are copies."""
         bn, bk = _check_block(block)
-        if bn > self.out_features or bk > self.in_features:
+        n, k = self.shape
+        if bn > n or bk > k:
             raise ValueError(
-                f"block={(bn, bk)} is larger than the layer: a block must fit in the weight "
-                f"[out_features={self.out_features}, in_features={self.in_features}]"
+                f"block={(bn, bk)} is larger than the layer: a block must fit in the weight [{self._weight_desc}]"
             )
         self.block: Tuple[int, int] = (bn, bk)
-        W = BSR.from_dense(linear.weight.detach(), self.block, density)
-        self.values = nn.Parameter(W.values, requires_grad=linear.weight.requires_grad)
+        W = BSR.from_dense(weight.detach().reshape(self.shape), self.block, density)
+        self.values = nn.Parameter(W.values, requires_grad=weight.requires_grad)
         self._set_index(W.index)
-        bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def _set_index(self, index: BSRIndex) -> None:
         for name, tensor in index._asdict().items():
             self.register_buffer(name, tensor, persistent=name in _SAVED_INDEX)
 
-    # ------------------------------------------------------------------ views
-    @property
-    def shape(self) -> Tuple[int, int]:
-        """The weight's logical shape (out_features, in_features)."""
-        return (self.out_features, self.in_features)
+    def _fill_dense(self, dense: nn.Module) -> nn.Module:
+        """Copy the weight (pruned blocks as zeros) and bias into ``dense``, a new dense layer
+        of the same shapes; returns it."""
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_bsr().to_dense().reshape(dense.weight.shape))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
 
+    # ------------------------------------------------------------------ views
     @property
     def index(self) -> BSRIndex:
         return BSRIndex(*[getattr(self, name) for name in BSRIndex._fields])
@@ -100,35 +83,17 @@ class SparseLinear(nn.Module):
         return self.nnz_blocks / total
 
     def weight_bsr(self) -> BSR:
-        """The weight as a BSR whose values are this layer's ``values`` parameter (shared, not copied)."""
+        """The weight matrix as a BSR whose values are this layer's ``values`` parameter (shared, not copied)."""
         return BSR.from_index(self.values, self.index, self.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.values, self.index, self.shape, self.bias)
-
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function (pruned blocks as zeros); a copy."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.values.device, dtype=self.values.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight_bsr().to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
-            f"nnz_blocks={self.nnz_blocks}, density={self.density:.3f}, bias={self.bias is not None}"
-        )
+    def _sparse_repr(self) -> str:
+        return f"block={self.block}, nnz_blocks={self.nnz_blocks}, density={self.density:.3f}, bias={self.bias is not None}"
 
     # ------------------------------------------------------------------ state_dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         keys = [prefix + name for name in ("values", *_SAVED_INDEX)]
         if all(key in state_dict for key in keys):
-            self._load_pattern(*(state_dict[key] for key in keys), where=prefix.rstrip(".") or "SparseLinear")
+            self._load_pattern(*(state_dict[key] for key in keys), where=prefix.rstrip(".") or type(self).__name__)
         # The default loader then copies values, the saved index and bias into the
         # tensors that now have the saved shapes.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -149,7 +114,7 @@ class SparseLinear(nn.Module):
         except (TypeError, ValueError) as err:
             raise ValueError(
                 f"state_dict for {where} holds a pattern inconsistent with this layer "
-                f"(out_features={self.out_features}, in_features={self.in_features}, block={self.block}): {err}"
+                f"({self._weight_desc}, block={self.block}): {err}"
             ) from err
         W = W.to(self.values.device)
         if self.values.shape != values.shape:
@@ -158,3 +123,218 @@ class SparseLinear(nn.Module):
             self.values.data = self.values.new_empty(values.shape)
             self.values.grad = None
         self._set_index(W.index)
+
+
+class SparseLinear(_BlockSparseLayer):
+    """``nn.Linear`` with a block-sparse weight: y = x @ W.T + bias, where W [out_features,
+    in_features] keeps ``density`` of its (bn, bk) blocks. Forward and backward both run
+    on the sparse products, and the weight gradient lives on the kept blocks only.
+
+    Parameters, pattern buffers and state_dict are those of every sparse layer (see
+    ``_BlockSparseLayer``): ``values`` [nnz_blocks, bn, bk], a dense bias, and the
+    pattern saved as ``row_offsets`` / ``col_indices``.
+
+    A new layer starts from ``nn.Linear``'s initialisation and keeps the blocks of
+    largest L2 norm; :meth:`from_dense` does the same with an existing layer's weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block,
+        density: float,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self._adopt_linear(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), block, density)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block, density: Optional[float] = None) -> "SparseLinear":
+        """A SparseLinear holding ``linear``'s weights on the ``density`` fraction of its
+        blocks with the largest L2 norm (``density=None``: every block holding a nonzero).
+
+        Values and bias are copies: ``linear`` itself is left untouched.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._adopt_linear(linear, block, density)
+        return module
+
+    def _adopt_linear(self, linear: nn.Linear, block, density: Optional[float]) -> None:
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._adopt(linear.weight, linear.bias, block, density)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """The weight's logical shape (out_features, in_features)."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def _weight_desc(self) -> str:
+        return f"out_features={self.out_features}, in_features={self.in_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.values, self.index, self.shape, self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function (pruned blocks as zeros); a copy."""
+        return self._fill_dense(nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.values.device, dtype=self.values.dtype,
+        ))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
+
+
+class SparseConv2d(_BlockSparseLayer):
+    """``nn.Conv2d`` (groups=1, zero padding) with a block-sparse weight. The weight
+    [out_channels, in_channels, kh, kw] is seen as the matrix [out_channels,
+    in_channels·kh·kw] (``weight.reshape(out_channels, -1)``) and blocked like
+    SparseLinear's, with the same parameters, buffers and state_dict.
+
+    Forward unfolds the input (im2col) into rows [B·L, in_channels·kh·kw], one per output
+    pixel, and runs :func:`~edgesparse.nn.sparse_linear` on them; so the weight gradient
+    is computed on the kept blocks only, and the input gradient by the sparse product,
+    folded back onto the image by the im2col's own backward.
+
+    The matrix's columns run over (in_channel, ky, kx), kernel positions fastest, so the
+    block ``(f, c·kh·kw)`` covers f filters × c whole input channels at every kernel
+    position: the block-punched scheme (:meth:`block_punched`, f=8, c=4 by default).
+    Any other block fits too, straddling channels when bk is not a multiple of kh·kw.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        block,
+        density: float,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias, device=device, dtype=dtype,
+        )
+        self._adopt_conv(_supported_conv(conv), block, density)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, block, density: Optional[float] = None) -> "SparseConv2d":
+        """A SparseConv2d holding ``conv``'s weights on the ``density`` fraction of the blocks
+        of its weight matrix with the largest L2 norm (``density=None``: every block holding
+        a nonzero). Values and bias are copies: ``conv`` itself is left untouched.
+        """
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._adopt_conv(_supported_conv(conv), block, density)
+        return module
+
+    @classmethod
+    def block_punched(
+        cls, conv: nn.Conv2d, filters: int = 8, channels: int = 4, density: Optional[float] = None
+    ) -> "SparseConv2d":
+        """:meth:`from_dense` with blocks of ``filters`` output channels × ``channels`` input
+        channels over all kernel positions, i.e. ``block=(filters, channels·kh·kw)``."""
+        kh, kw = _supported_conv(conv).kernel_size
+        return cls.from_dense(conv, (filters, channels * kh * kw), density)
+
+    def _adopt_conv(self, conv: nn.Conv2d, block, density: Optional[float]) -> None:
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.padding: Tuple[int, int] = (0, 0) if conv.padding == "valid" else conv.padding
+        self._adopt(conv.weight, conv.bias, block, density)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """The weight matrix's logical shape (out_channels, in_channels·kh·kw)."""
+        kh, kw = self.kernel_size
+        return (self.out_channels, self.in_channels * kh * kw)
+
+    @property
+    def _weight_desc(self) -> str:
+        kh, kw = self.kernel_size
+        return f"out_channels={self.out_channels}, in_channels*kh*kw={self.in_channels}*{kh}*{kw}={self.shape[1]}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"x must have shape [B, C, H, W] (a batch of images, C = in_channels={self.in_channels}), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape [B, {self.in_channels}, H, W] (in_channels={self.in_channels}), got {tuple(x.shape)}"
+            )
+        rows, (out_h, out_w) = _im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        y = sparse_linear(rows, self.values, self.index, self.shape, self.bias)  # [B, L, out_channels]
+        return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, out_h, out_w)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (pruned blocks as zeros); a copy."""
+        return self._fill_dense(nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None, device=self.values.device, dtype=self.values.dtype,
+        ))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, {self._sparse_repr()}"
+        )
+
+
+def _im2col(x: torch.Tensor, kernel_size, stride, padding, dilation) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """x [B, C, H, W] -> (rows [B, L, C·kh·kw], (out_h, out_w)): one row per output pixel,
+    its columns in the order (C, ky, kx) of ``weight.reshape(out_channels, -1)``.
+
+    Built as a strided view of the padded input (Tensor.unfold, then a step of
+    ``dilation`` within each window) and copied once into row-major rows. It equals
+    ``F.unfold(...).transpose(1, 2)`` exactly, and measured 2-3x faster forward + backward
+    on 2 CPU cores (e.g. 32x256x8x8, 3x3: 150 ms against 290 ms): aten's im2col was the
+    largest cost of a SparseConv2d step, and the rows it returns need a transposed copy too.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    height, width = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+    if height < span_h or width < span_w:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} is smaller, padded to {(height, width)}, than the dilated "
+            f"kernel {(span_h, span_w)}: the convolution has no output"
+        )
+    windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, span_h, sh).unfold(3, span_w, sw)[..., ::dh, ::dw]
+    batch, channels, out_h, out_w = windows.shape[:4]  # windows [B, C, out_h, out_w, kh, kw]
+    rows = windows.permute(0, 2, 3, 1, 4, 5).reshape(batch, out_h * out_w, channels * kh * kw)
+    return rows, (out_h, out_w)
+
+
+def _conv_unsupported(conv: nn.Conv2d) -> Optional[str]:
+    """Why SparseConv2d cannot hold ``conv`` (an nn.Conv2d), or None when it can."""
+    if conv.groups != 1:
+        return f"groups={conv.groups}: SparseConv2d supports groups=1 only"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: SparseConv2d supports zero padding only"
+    if conv.padding == "same":
+        return "padding='same': SparseConv2d takes explicit padding (ints) or 'valid'"
+    return None
+
+
+def _supported_conv(conv) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    reason = _conv_unsupported(conv)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    return conv

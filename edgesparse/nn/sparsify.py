@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 from torch import nn
 
 from ..formats import _check_block, _check_density
-from .modules import SparseLinear
+from .modules import SparseConv2d, SparseLinear, _conv_unsupported
 
 __all__ = ["SparseScheme", "sparsify"]
 
@@ -97,13 +97,30 @@ class _Rules:
         return self.default, False
 
 
-def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
-    """Replace, in place, each ``nn.Linear`` of ``model`` that ``config`` gives a scheme with
-    ``SparseLinear.from_dense(linear, scheme.block, scheme.density)``; returns ``model``.
+# The dense types sparsify swaps, and their sparse counterparts.
+_SPARSE_OF = ((nn.Linear, SparseLinear), (nn.Conv2d, SparseConv2d))
+_SUPPORTED = "nn.Linear and nn.Conv2d (groups=1, zero padding)"
 
-    ``re:`` patterns and the default apply to the module types sparsify supports and pass
-    over the others (containers, norms, ...); a module named exactly must be supported.
-    A module reachable under several names is replaced by one SparseLinear everywhere.
+
+def _sparse_class(module: nn.Module) -> Tuple[Optional[type], Optional[str]]:
+    """(the sparse layer class that can replace ``module``, or None; why not, if not)."""
+    for dense, sparse in _SPARSE_OF:
+        if isinstance(module, dense):
+            reason = _conv_unsupported(module) if sparse is SparseConv2d else None
+            return (None, reason) if reason else (sparse, None)
+    return None, f"sparsify supports {_SUPPORTED}"
+
+
+def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
+    """Replace, in place, each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` that ``config``
+    gives a scheme with ``SparseLinear.from_dense(layer, scheme.block, scheme.density)``
+    (``SparseConv2d.from_dense`` for a conv, whose weight is blocked as the matrix
+    [out_channels, in_channels·kh·kw]); returns ``model``.
+
+    ``re:`` patterns and the default apply to the layers sparsify supports and pass over
+    the others (containers, norms, grouped convs, ...); a module named exactly must be
+    supported. A module reachable under several names is replaced by one sparse layer
+    everywhere.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -116,27 +133,25 @@ def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
 
     # Build every replacement before swapping any, so that an error (in the config, or a
     # block that does not fit a layer) leaves the model untouched.
-    swaps: List[Tuple[str, SparseLinear]] = []
-    built: Dict[int, Tuple[str, SparseScheme, SparseLinear]] = {}
+    swaps: List[Tuple[str, nn.Module]] = []
+    built: Dict[int, Tuple[str, SparseScheme, nn.Module]] = {}
     for name, module in named:
         scheme, explicit = rules.lookup(name)
         if scheme is None:
             continue
-        if not isinstance(module, nn.Linear):
+        sparse_class, reason = _sparse_class(module)
+        if sparse_class is None:
             if explicit:
-                raise NotImplementedError(
-                    f"sparsify supports nn.Linear; config[{name!r}] names a {type(module).__name__}"
-                    + (" (conv support comes with SparseConv2d)" if isinstance(module, nn.modules.conv._ConvNd) else "")
-                )
+                raise NotImplementedError(f"{reason}; config[{name!r}] names a {type(module).__name__}")
             continue
         if not name:
             raise ValueError(
-                "the model itself is an nn.Linear and cannot be replaced in place; "
-                "use SparseLinear.from_dense(linear, block, density)"
+                f"the model itself is an nn.{type(module).__name__} and cannot be replaced in place; "
+                f"use {sparse_class.__name__}.from_dense(layer, block, density)"
             )
         if id(module) not in built:
             try:
-                built[id(module)] = (name, scheme, SparseLinear.from_dense(module, scheme.block, scheme.density))
+                built[id(module)] = (name, scheme, sparse_class.from_dense(module, scheme.block, scheme.density))
             except ValueError as err:
                 raise ValueError(f"cannot sparsify {name!r}: {err}") from err
         first_name, first_scheme, sparse = built[id(module)]

@@ -6,7 +6,6 @@ here by a loop over blocks) and dense torch layers holding the masked weights.
 """
 
 import io
-import math
 
 import pytest
 import torch
@@ -16,36 +15,19 @@ import edgesparse
 from edgesparse.nn import SparseLinear
 from tests._oracle import (
     assert_close,
+    assert_pattern,
     blocks_in_mask_order,
     expand_mask,
-    expected_indices,
     grid,
     masked_dense,
-    padded,
     random_mask,
     randn,
     to64,
+    top_blocks_mask,
 )
 
 BLOCK = (4, 4)
 IN, OUT = 19, 13  # ragged for 4x4 blocks
-
-
-def top_blocks_mask(w: torch.Tensor, block, density: float) -> torch.Tensor:
-    """The density * blocks (halves up) blocks of w with the largest L2 norm."""
-    nb, kb = grid(tuple(w.shape), block)
-    bn, bk = block
-    p = padded(to64(w), block)
-    norms = torch.tensor([[float(p[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].norm()) for j in range(kb)] for i in range(nb)])
-    keep = math.floor(density * nb * kb + 0.5)
-    mask = torch.zeros(nb * kb, dtype=torch.bool)
-    mask[norms.flatten().argsort(descending=True)[:keep]] = True
-    return mask.reshape(nb, kb)
-
-
-def assert_pattern(layer: SparseLinear, mask: torch.Tensor) -> None:
-    row_offsets, col_indices, _ = expected_indices(mask)
-    assert torch.equal(layer.row_offsets, row_offsets) and torch.equal(layer.col_indices, col_indices)
 
 
 # ------------------------------------------------------------------ construction

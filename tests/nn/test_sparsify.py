@@ -49,19 +49,21 @@ def test_exact_then_first_regex_then_default_and_none_excludes():
         "encoder.2": SparseScheme(block=(16, 8), density=0.5),  # an exact name beats both
         "default": {"block": (4, 4), "density": 0.5},
         "head": None,  # excluded from the default
+        "stem": None,  # the first conv, too
     }
     assert sparsify(model, config) is model
     assert_sparse(model.encoder[0], dense["encoder.0"], (8, 8), 0.25)
     assert_sparse(model.encoder[2], dense["encoder.2"], (16, 8), 0.5)
     assert model.head is dense["head"], "None keeps the layer dense"
-    assert type(model.stem) is nn.Conv2d and type(model.encoder[1]) is nn.ReLU, "patterns pass over other types"
+    assert type(model.stem) is nn.Conv2d and type(model.encoder[1]) is nn.ReLU, "None and other types stay"
 
 
-def test_default_alone_swaps_every_linear_and_keeps_the_function():
+def test_default_swaps_every_linear_and_keeps_the_function():
     model = Net()
     x = torch.randn(3, 1, 6, 6)
     expected = model(x)
-    sparsify(model, {"default": {"block": 8, "density": 1.0}})  # every block kept
+    # Every block kept; the stem's weight [2, 9] has no room for an 8x8 block.
+    sparsify(model, {"default": {"block": 8, "density": 1.0}, "stem": None})
     assert [type(m) for m in (model.encoder[0], model.encoder[2], model.head)] == [SparseLinear] * 3
     assert model.head.block == (8, 8), "an int block means a square block"
     with edgesparse.use_backend("reference"):
@@ -100,10 +102,11 @@ def test_scheme_is_a_frozen_validated_dataclass():
         pytest.param({"head": (4, 0.5)}, TypeError, r"config\['head'\] must be a SparseScheme, a dict", id="tuple-scheme"),
         pytest.param({"re:enc(": None}, ValueError, r"config key 're:enc\(' is not a valid regular expression", id="bad-regex"),
         pytest.param({"encoder.5": None}, ValueError, r"modules that are not in the model: \['encoder.5'\]", id="unknown-name"),
-        pytest.param({"stem": {"block": 2, "density": 0.5}}, NotImplementedError,
-                     r"config\['stem'\] names a Conv2d \(conv support comes with SparseConv2d\)", id="conv"),
         pytest.param({"encoder.1": {"block": 2, "density": 0.5}}, NotImplementedError,
-                     r"sparsify supports nn.Linear; config\['encoder.1'\] names a ReLU", id="relu"),
+                     r"sparsify supports nn.Linear and nn.Conv2d \(groups=1, zero padding\); config\['encoder.1'\] names a ReLU",
+                     id="relu"),
+        pytest.param({"default": {"block": 4, "density": 0.5}, "head": None}, ValueError,
+                     r"cannot sparsify 'stem': block=\(4, 4\) is larger than the layer", id="default-over-conv"),
         pytest.param({"encoder.0": {"block": 2, "density": 0.5}, "head": {"block": (16, 4), "density": 0.5}}, ValueError,
                      r"cannot sparsify 'head': block=\(16, 4\) is larger than the layer", id="block-over-layer"),
         pytest.param([("head", None)], TypeError, "config must be a mapping", id="not-a-mapping"),
