@@ -14,7 +14,7 @@ from typing import Sequence, Tuple
 import pytest
 import torch
 
-from edgesparse import BSR
+from edgesparse import BSR, use_backend
 
 # ---------------------------------------------------------------- tolerances
 # Max abs error allowed, relative to the oracle's scale (max |oracle|). The oracle is
@@ -254,3 +254,13 @@ def build_weight(shape, block, mask, gen, dtype, device):
     """The BSR under test and its float64 dense oracle, both from the test's mask."""
     w = randn(shape, gen, dtype)
     return BSR.from_mask(w.to(device), mask, block), masked_dense(w, mask, block)
+
+
+def forward_and_input_grad(layer, x):
+    """A layer's output and input gradient on the reference backend; after a state_dict
+    load the input gradient walks the transposed index rebuilt from the saved pattern."""
+    x = x.clone().requires_grad_()
+    with use_backend("reference"):
+        y = layer(x)
+        y.sum().backward()
+    return y.detach(), x.grad

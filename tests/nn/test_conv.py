@@ -19,6 +19,7 @@ from torch import nn
 import edgesparse
 from edgesparse.nn import SparseConv2d, SparseLinear, sparsify
 from tests._oracle import (
+    forward_and_input_grad,
     assert_close,
     assert_pattern,
     blocks_in_mask_order,
@@ -159,14 +160,6 @@ def test_extra_repr():
 
 
 # ------------------------------------------------------------------ state_dict
-def forward_and_input_grad(layer, x):
-    x = x.clone().requires_grad_()
-    with edgesparse.use_backend("reference"):
-        y = layer(x)
-        y.sum().backward()
-    return y.detach(), x.grad
-
-
 def test_state_dict_round_trip_restores_the_pattern(gen):
     torch.manual_seed(1)
     saved = SparseConv2d(5, 12, 3, (4, 9), 0.5, padding=1)

@@ -14,6 +14,7 @@ from torch import nn
 import edgesparse
 from edgesparse.nn import SparseLinear
 from tests._oracle import (
+    forward_and_input_grad,
     assert_close,
     assert_pattern,
     blocks_in_mask_order,
@@ -155,15 +156,6 @@ def test_sgd_training_tracks_the_masked_dense_model(backend, gen):
 
 
 # ------------------------------------------------------------------ state_dict
-def forward_and_input_grad(layer, x):
-    """Output and input gradient: the latter walks the transposed index rebuilt on load."""
-    x = x.clone().requires_grad_()
-    with edgesparse.use_backend("reference"):
-        y = layer(x)
-        y.sum().backward()
-    return y.detach(), x.grad
-
-
 def test_state_dict_holds_values_bias_and_the_canonical_pattern():
     assert set(SparseLinear(IN, OUT, BLOCK, 0.5).state_dict()) == {"values", "bias", "row_offsets", "col_indices"}
 

@@ -25,10 +25,6 @@ from typing import Tuple
 
 from ...compiler.target import VectorUnit, vector_unit
 
-# The values the tuner may try.
-ROWS_CANDIDATES = (1, 2, 3, 4, 6, 8, 12)
-COLS_CANDIDATES = (4, 8, 16, 32, 64)
-UNROLL_CANDIDATES = (1, 2, 4, 8)
 PARALLEL_CANDIDATES = ("blocks", "batch")
 
 
