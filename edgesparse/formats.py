@@ -88,6 +88,25 @@ def _blocks_of(w_padded: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     return w_padded.reshape(np_ // bn, bn, kp // bk, bk).permute(0, 2, 1, 3)
 
 
+def _row_indices(row_offsets: torch.Tensor) -> torch.Tensor:
+    nb = row_offsets.numel() - 1
+    return torch.repeat_interleave(torch.arange(nb, device=row_offsets.device, dtype=_INDEX_DTYPE), row_offsets.diff())
+
+
+def _complete_index(row_offsets, col_indices, row_indices, kb: int) -> "BSRIndex":
+    """The full index of a validated (row_offsets, col_indices) pattern: adds the
+    transposed index that grad-input walks."""
+    nb, nnzb, device = row_offsets.numel() - 1, col_indices.numel(), col_indices.device
+    # Transposed index: stable sort by column keeps rows ascending inside a column.
+    order = torch.sort(col_indices.long() * max(nb, 1) + row_indices.long(), stable=True).indices
+    col_counts = torch.bincount(col_indices.long(), minlength=kb) if nnzb else torch.zeros(kb, dtype=torch.long, device=device)
+    col_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), col_counts.cumsum(0)])
+    return BSRIndex(
+        row_offsets, col_indices, row_indices, col_offsets.to(_INDEX_DTYPE),
+        order.to(_INDEX_DTYPE), row_indices[order].contiguous(),
+    )
+
+
 class BSRIndex(NamedTuple):
     """The int32 index tensors of a BSR (see the module docstring), without its values.
 
@@ -101,6 +120,17 @@ class BSRIndex(NamedTuple):
     col_offsets: torch.Tensor
     col_order: torch.Tensor
     col_order_rows: torch.Tensor
+
+    @classmethod
+    def from_block_mask(cls, block_mask: torch.Tensor) -> "BSRIndex":
+        """The index of the blocks where ``block_mask`` [NB, KB] (bool) is True, in the
+        row-major order that :meth:`BSR.from_mask` stores their values in."""
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 2:
+            got = f"{block_mask.dtype} of shape {tuple(block_mask.shape)}" if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+            raise TypeError(f"block_mask must be a 2-D bool tensor [block rows, block columns], got {got}")
+        row_offsets = torch.cat([block_mask.new_zeros(1, dtype=torch.long), block_mask.sum(1).cumsum(0)]).to(_INDEX_DTYPE)
+        col_indices = block_mask.nonzero()[:, 1].to(_INDEX_DTYPE).contiguous()
+        return _complete_index(row_offsets, col_indices, _row_indices(row_offsets), block_mask.shape[1])
 
 
 class BSR:
@@ -140,7 +170,7 @@ class BSR:
             raise ValueError("row_offsets must start at 0, be non-decreasing and end at the number of blocks")
         if nnzb and (int(col_indices.min()) < 0 or int(col_indices.max()) >= kb):
             raise ValueError(f"col_indices must lie in [0, {kb}) for K={k} and bk={bk}")
-        row_indices = torch.repeat_interleave(torch.arange(nb, device=device, dtype=_INDEX_DTYPE), counts)
+        row_indices = _row_indices(row_offsets)
         if nnzb > 1:
             # Within a row, columns must be strictly increasing (sorted, no duplicates).
             same_row = row_indices[1:] == row_indices[:-1]
@@ -148,17 +178,9 @@ class BSR:
                 raise ValueError("col_indices must be strictly increasing within each block row")
 
         self.values = values.contiguous()
-        self.row_offsets = row_offsets
-        self.col_indices = col_indices
-        self.row_indices = row_indices
         self.shape = (n, k)
         self.block = (bn, bk)
-        # Transposed index: stable sort by column keeps rows ascending inside a column.
-        order = torch.sort(col_indices.long() * max(nb, 1) + row_indices.long(), stable=True).indices
-        self.col_order = order.to(_INDEX_DTYPE)
-        self.col_order_rows = row_indices[order].contiguous()
-        col_counts = torch.bincount(col_indices.long(), minlength=kb) if nnzb else torch.zeros(kb, dtype=torch.long, device=device)
-        self.col_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), col_counts.cumsum(0)]).to(_INDEX_DTYPE)
+        self.__dict__.update(_complete_index(row_offsets, col_indices, row_indices, kb)._asdict())
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -17,13 +17,17 @@ sparse product, and runs only those whose input asks for a gradient:
   N x K gradient is never formed)
 - d/dbias   = dy summed over every leading dimension
 
+With a :class:`WeightGradMask` (SparCL's gradient masking), d/dvalues is computed on
+the mask's blocks only — a grad-weight product over the sub-pattern of those blocks —
+and is zero on the others, which cost nothing.
+
 The backward products are not differentiable themselves (no double backward).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +36,7 @@ from .. import ops
 from ..formats import BSR, BSRIndex
 from ..kernels import dispatch
 
-__all__ = ["sparse_linear"]
+__all__ = ["WeightGradMask", "sparse_linear"]
 
 
 def _weight(values: Tensor, index: Sequence[Tensor], n: int, k: int) -> BSR:
@@ -44,13 +48,28 @@ def _on(backend: Optional[str]):
     return dispatch.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
+class WeightGradMask(NamedTuple):
+    """Which part of the weight gradient to compute: the kept ``blocks`` (sorted int64
+    positions in ``values``), their sub-pattern ``index`` (a :class:`BSRIndex` of the same
+    shape and block holding just those blocks, in the same order), and optionally an
+    element mask ``elements`` [len(blocks), bn, bk] (same dtype as values, 0 or 1) for
+    element-granular masking inside them."""
+
+    blocks: Tensor
+    index: BSRIndex
+    elements: Optional[Tensor] = None
+
+
 @torch.library.custom_op("edgesparse::bsr_linear", mutates_args=())
-def _bsr_linear(x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, bias: Optional[Tensor]) -> Tensor:
+def _bsr_linear(
+    x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, bias: Optional[Tensor],
+    grad_blocks: Optional[Tensor], grad_index: List[Tensor], grad_elements: Optional[Tensor],
+) -> Tensor:
     return ops.bsr_linear(x, _weight(values, index, n, k), bias)
 
 
 @_bsr_linear.register_fake
-def _(x, values, index, n, k, bias):
+def _(x, values, index, n, k, bias, grad_blocks, grad_index, grad_elements):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -85,40 +104,55 @@ def _(dy, x, values, index, n, k, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, index, n, k, _bias = inputs
+    x, values, index, n, k, _bias, grad_blocks, grad_index, grad_elements = inputs
     # x is kept only for the weight gradient: a frozen layer does not hold its input alive.
-    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, *index)
-    ctx.n, ctx.k = n, k
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, grad_blocks, grad_elements, *index, *grad_index)
+    ctx.n, ctx.k, ctx.index_len = n, k, len(index)
     # Under torch.compile this runs once, while the graph is traced, so a compiled
     # backward keeps the backend requested at compile time.
     ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, dy):
-    x, values, *index = ctx.saved_tensors
-    needs_x, needs_values, _, _, _, needs_bias = ctx.needs_input_grad
+    x, values, grad_blocks, grad_elements, *indices = ctx.saved_tensors
+    index, grad_index = indices[: ctx.index_len], indices[ctx.index_len :]
+    needs_x, needs_values, *_, needs_bias = ctx.needs_input_grad[:6]
     dx = dvalues = dbias = None
     if needs_x:
         dx = _bsr_linear_grad_input(dy, values, index, ctx.n, ctx.k, ctx.backend)
-    if needs_values:
+    if needs_values and grad_blocks is None:
         dvalues = _bsr_linear_grad_weight(dy, x, values, index, ctx.n, ctx.k, ctx.backend)
+    elif needs_values:
+        kept = _bsr_linear_grad_weight(dy, x, values.index_select(0, grad_blocks), grad_index, ctx.n, ctx.k, ctx.backend)
+        if grad_elements is not None:
+            kept = kept * grad_elements
+        dvalues = torch.zeros_like(values).index_copy_(0, grad_blocks, kept)
     if needs_bias:
         dbias = dy.reshape(-1, ctx.n).sum(0)
-    # The Tensor[] index takes a list of (no) gradients, one per tensor.
-    return dx, dvalues, [None] * len(index), None, None, dbias
+    # A Tensor[] argument takes a list of (no) gradients, one per tensor.
+    return dx, dvalues, [None] * len(index), None, None, dbias, None, [None] * len(grad_index), None
 
 
 torch.library.register_autograd("edgesparse::bsr_linear", _backward, setup_context=_setup_context)
 
 
 def sparse_linear(
-    x: Tensor, values: Tensor, index: BSRIndex, shape: Sequence[int], bias: Optional[Tensor] = None
+    x: Tensor,
+    values: Tensor,
+    index: BSRIndex,
+    shape: Sequence[int],
+    bias: Optional[Tensor] = None,
+    grad_mask: Optional[WeightGradMask] = None,
 ) -> Tensor:
     """``x @ W.T + bias`` for the block-sparse W with these ``values`` [nnzb, bn, bk] on the
     pattern ``index`` (a :class:`BSRIndex`, e.g. ``W.index`` of a BSR) and logical
     ``shape`` (N, K); x of shape [..., K], result [..., N].
 
     Differentiable in x, values and bias, with every gradient computed by a sparse
-    product; ``torch.compile`` traces it without a graph break.
+    product; ``torch.compile`` traces it without a graph break. With ``grad_mask`` the
+    gradient of ``values`` is computed on its blocks (and elements) only, zero elsewhere.
     """
-    return _bsr_linear(x, values, list(index), int(shape[0]), int(shape[1]), bias)
+    if grad_mask is None:
+        return _bsr_linear(x, values, list(index), int(shape[0]), int(shape[1]), bias, None, [], None)
+    blocks, grad_index, elements = grad_mask
+    return _bsr_linear(x, values, list(index), int(shape[0]), int(shape[1]), bias, blocks, list(grad_index), elements)

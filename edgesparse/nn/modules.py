@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..formats import BSR, BSRIndex, _check_block
-from .functional import sparse_linear
+from ..formats import BSR, BSRIndex, _check_block, pad_columns
+from .functional import WeightGradMask, sparse_linear
 
-__all__ = ["SparseConv2d", "SparseLinear"]
+__all__ = ["SparseConv2d", "SparseLinear", "sparse_layers"]
+
+_GRAD_MASK_GRANULARITIES = ("block", "element")
+# The dense weight gradient is scored a slab of block rows at a time, each slab at most
+# this many floats (16 MiB), so its peak stays far below the dense N x K gradient.
+_DENSE_GRAD_SLAB_FLOATS = 1 << 22
 
 # The pattern's canonical form, saved in the state_dict. The other index tensors are
 # derived from it (and from the shape), so they are rebuilt on load rather than trusted.
@@ -28,7 +34,13 @@ class _BlockSparseLayer(nn.Module):
     ``row_offsets`` / ``col_indices`` are saved in the state_dict, so loading one restores
     the pattern too (resizing ``values`` when the saved pattern keeps a different number
     of blocks). A subclass defines ``shape`` and ``_weight_desc`` (N and K in the layer's
-    own terms, for error messages) and calls :meth:`_adopt` with a dense layer's weight.
+    own terms, for error messages) and calls :meth:`_adopt` with a dense layer's weight,
+    and its forward runs the product through :meth:`_sparse_product`.
+
+    Dynamic sparsity: :meth:`set_pattern` swaps the pattern (RigL, SparCL's task-aware
+    masking), :meth:`request_dense_grad_scores` scores the blocks of the dense weight
+    gradient once (RigL's grow step), :meth:`mask_gradients` keeps only the largest
+    weight gradients (SparCL's gradient masking).
     """
 
     @property
@@ -53,6 +65,13 @@ class _BlockSparseLayer(nn.Module):
         self.values = nn.Parameter(W.values, requires_grad=weight.requires_grad)
         self._set_index(W.index)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.dense_grad_scores: Optional[torch.Tensor] = None
+        self._score_next_backward = False
+        self._grad_masking: Optional[Tuple[float, int, str]] = None  # (fraction, refresh_every, granularity)
+        self._grad_mask: Optional[WeightGradMask] = None  # cached between refreshes
+        self._grad_mask_age = 0  # backward passes since the cached mask was chosen
+        self._grad_mask_hook = None
+        self._hooked_values: Optional[int] = None  # id() of the values tensor holding the hook
 
     def _set_index(self, index: BSRIndex) -> None:
         for name, tensor in index._asdict().items():
@@ -89,6 +108,176 @@ class _BlockSparseLayer(nn.Module):
     def _sparse_repr(self) -> str:
         return f"block={self.block}, nnz_blocks={self.nnz_blocks}, density={self.density:.3f}, bias={self.bias is not None}"
 
+    @property
+    def block_grid(self) -> Tuple[int, int]:
+        """(block rows, block columns) of the weight's padded grid."""
+        return (self.row_offsets.numel() - 1, self.col_offsets.numel() - 1)
+
+    def block_mask(self) -> torch.Tensor:
+        """bool [block rows, block columns]: True where a block is kept."""
+        mask = torch.zeros(self.block_grid, dtype=torch.bool, device=self.values.device)
+        mask[self.row_indices.long(), self.col_indices.long()] = True
+        return mask
+
+    # ------------------------------------------------------------------ forward
+    def _sparse_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [..., K] -> rows @ W.T + bias [..., N], with the requested gradient masking
+        and dense-gradient scoring wired into its backward."""
+        training_values = torch.is_grad_enabled() and self.values.requires_grad
+        grad_mask = None
+        if self._grad_masking is not None and training_values:
+            grad_mask = self._grad_mask
+            if self._hooked_values != id(self.values):  # first use, or a copy of the module
+                self._grad_mask_hook = self.values.register_hook(self._on_values_grad)
+                self._hooked_values = id(self.values)
+        y = sparse_linear(rows, self.values, self.index, self.shape, self.bias, grad_mask)
+        if self._score_next_backward and y.requires_grad:
+            self._score_next_backward = False
+            saved_rows = rows.detach()
+            y.register_hook(lambda dy: self._score_dense_grad(dy, saved_rows))
+        return y
+
+    # ------------------------------------------------------------------ dynamic sparsity
+    @torch.no_grad()
+    def set_pattern(self, block_mask: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Keep the blocks where ``block_mask`` (bool [block rows, block columns], see
+        :attr:`block_grid`) is True. Blocks kept before keep their values; grown blocks
+        start at zero; dropped blocks are gone.
+
+        ``optimizer``: one holding this layer's ``values``; its per-block state (momentum,
+        Adam's moments) follows the surviving blocks and starts at zero for grown ones, so
+        a grown block does not inherit a dropped block's momentum. The ``values``
+        Parameter object stays the same (resized in place), so the optimizer keeps it.
+        A cached gradient mask refers to the old blocks and is dropped.
+        """
+        grid = self.block_grid
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+            raise TypeError(f"block_mask must be a bool tensor of shape {grid} (block rows, block columns), got {got}")
+        if tuple(block_mask.shape) != grid:
+            raise ValueError(
+                f"block_mask must have shape {grid} (this layer's block grid for {self._weight_desc}, "
+                f"block={self.block}), got {tuple(block_mask.shape)}"
+            )
+        optimizer_state = self._optimizer_state(optimizer)
+        block_mask = block_mask.to(self.values.device)
+        # Where each new block was in the old values (-1: grown). Both orders are row-major.
+        old_position = torch.full(grid, -1, dtype=torch.long, device=block_mask.device)
+        old_position[self.block_mask()] = torch.arange(self.nnz_blocks, device=block_mask.device)
+        source = old_position[block_mask]
+        survives = source >= 0
+
+        def carried_over(tensor: torch.Tensor) -> torch.Tensor:
+            out = tensor.new_zeros((source.numel(), *tensor.shape[1:]))
+            out[survives] = tensor[source[survives]]
+            return out
+
+        for key, state in optimizer_state.items():
+            if isinstance(state, torch.Tensor) and state.shape == self.values.shape:
+                optimizer_state[key] = carried_over(state)
+        grad = None if self.values.grad is None else carried_over(self.values.grad)
+        self.values.data = carried_over(self.values.data)
+        self.values.grad = grad
+        self._set_index(BSRIndex.from_block_mask(block_mask))
+        self._grad_mask = None
+
+    def _optimizer_state(self, optimizer) -> dict:
+        if optimizer is None:
+            return {}
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if not any(p is self.values for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("optimizer does not hold this layer's values parameter; pass the optimizer that trains it")
+        return optimizer.state[self.values]
+
+    def request_dense_grad_scores(self) -> None:
+        """Make the next backward pass through this layer also set :attr:`dense_grad_scores`:
+        float [block rows, block columns], the L2 norm of every block of the *dense* weight
+        gradient dL/dW, pruned blocks included (RigL grows the blocks scoring highest).
+
+        One-shot: later backward passes do not pay for it. The dense gradient is formed a
+        slab of block rows at a time and never kept whole.
+        """
+        self._score_next_backward = True
+        self.dense_grad_scores = None
+
+    @torch.no_grad()
+    def _score_dense_grad(self, dy: torch.Tensor, rows: torch.Tensor) -> None:
+        (n, k), (bn, bk) = self.shape, self.block
+        nb, kb = self.block_grid
+        dy2 = pad_columns(dy.reshape(-1, n), nb * bn)
+        x2 = pad_columns(rows.reshape(-1, k), kb * bk)
+        slab = max(1, _DENSE_GRAD_SLAB_FLOATS // (bn * kb * bk))
+        scores = []
+        for first in range(0, nb, slab):
+            grad = dy2[:, first * bn : (first + slab) * bn].T @ x2  # [slab·bn, kb·bk]
+            scores.append(grad.reshape(-1, bn, kb, bk).square().sum((1, 3)).sqrt())
+        self.dense_grad_scores = torch.cat(scores) if scores else dy2.new_zeros(nb, kb)
+
+    def mask_gradients(self, fraction: Optional[float], refresh_every: int = 30, granularity: str = "block") -> None:
+        """SparCL's dynamic gradient masking: keep only the ``fraction`` of the weight
+        gradient that is largest in magnitude — whole blocks by L2 norm
+        (``granularity="block"``) or single entries (``"element"``) — and zero the rest.
+
+        The mask is chosen from a full weight gradient every ``refresh_every`` backward
+        passes and reused in between, when the gradient is computed only on the blocks
+        the mask keeps: the others cost nothing. ``fraction=None`` turns masking off.
+        """
+        if fraction is None:
+            self._grad_masking, self._grad_mask = None, None
+            if self._grad_mask_hook is not None:
+                self._grad_mask_hook.remove()
+                self._grad_mask_hook, self._hooked_values = None, None
+            return
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be a number in (0, 1] (the share of the weight gradient kept) or None, got {fraction!r}")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be a positive int (backward passes between mask refreshes), got {refresh_every!r}")
+        if granularity not in _GRAD_MASK_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {_GRAD_MASK_GRANULARITIES}, got {granularity!r}")
+        self._grad_masking, self._grad_mask, self._grad_mask_age = (float(fraction), refresh_every, granularity), None, 0
+
+    @property
+    def gradient_mask(self) -> Optional[WeightGradMask]:
+        """The cached gradient mask (None before the first refresh or when masking is off)."""
+        return self._grad_mask
+
+    @torch.no_grad()
+    def _on_values_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self._grad_masking is None:
+            return grad
+        fraction, refresh_every, granularity = self._grad_masking
+        if self._grad_mask is None:  # a refresh: this gradient was computed on every block
+            self._grad_mask = self._choose_grad_mask(grad, fraction, granularity)
+            self._grad_mask_age = 0
+            blocks, _, elements = self._grad_mask
+            kept = torch.zeros_like(grad)
+            kept[blocks] = grad[blocks] if elements is None else grad[blocks] * elements
+            grad = kept
+        self._grad_mask_age += 1
+        if self._grad_mask_age >= refresh_every:
+            self._grad_mask = None
+        return grad
+
+    def _choose_grad_mask(self, grad: torch.Tensor, fraction: float, granularity: str) -> WeightGradMask:
+        nnzb = grad.shape[0]
+        if granularity == "block":
+            keep = torch.zeros(nnzb, dtype=torch.bool, device=grad.device)
+            keep[grad.flatten(1).norm(dim=1).topk(min(nnzb, math.ceil(fraction * nnzb))).indices] = True
+            elements = None
+        else:
+            # Padding entries hold zero gradient and rank last; the fraction is of the real entries.
+            real = int(self.weight_bsr().zero_padding_(torch.ones_like(grad)).sum())
+            chosen = grad.abs().flatten().topk(min(grad.numel(), math.ceil(fraction * real))).indices
+            element_mask = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
+            element_mask[chosen] = True
+            element_mask = element_mask.view(grad.shape)
+            keep = element_mask.flatten(1).any(1)
+            elements = element_mask[keep].to(grad.dtype)
+        sub_mask = torch.zeros(self.block_grid, dtype=torch.bool, device=grad.device)
+        sub_mask[self.row_indices[keep].long(), self.col_indices[keep].long()] = True
+        return WeightGradMask(keep.nonzero()[:, 0], BSRIndex.from_block_mask(sub_mask), elements)
+
     # ------------------------------------------------------------------ state_dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         keys = [prefix + name for name in ("values", *_SAVED_INDEX)]
@@ -123,6 +312,7 @@ class _BlockSparseLayer(nn.Module):
             self.values.data = self.values.new_empty(values.shape)
             self.values.grad = None
         self._set_index(W.index)
+        self._grad_mask = None
 
 
 class SparseLinear(_BlockSparseLayer):
@@ -179,7 +369,7 @@ class SparseLinear(_BlockSparseLayer):
         return f"out_features={self.out_features}, in_features={self.in_features}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.values, self.index, self.shape, self.bias)
+        return self._sparse_product(x)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function (pruned blocks as zeros); a copy."""
@@ -279,7 +469,7 @@ class SparseConv2d(_BlockSparseLayer):
                 f"x must have shape [B, {self.in_channels}, H, W] (in_channels={self.in_channels}), got {tuple(x.shape)}"
             )
         rows, (out_h, out_w) = _im2col(x, self.kernel_size, self.stride, self.padding, self.dilation)
-        y = sparse_linear(rows, self.values, self.index, self.shape, self.bias)  # [B, L, out_channels]
+        y = self._sparse_product(rows)  # [B, L, out_channels]
         return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, out_h, out_w)
 
     def to_dense(self) -> nn.Conv2d:
@@ -294,6 +484,11 @@ class SparseConv2d(_BlockSparseLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, {self._sparse_repr()}"
         )
+
+
+def sparse_layers(model: nn.Module) -> List[Tuple[str, _BlockSparseLayer]]:
+    """(qualified name, layer) for every block-sparse layer in ``model``, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, _BlockSparseLayer)]
 
 
 def _im2col(x: torch.Tensor, kernel_size, stride, padding, dilation) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -66,7 +66,7 @@ def test_opcheck_schema_fake_and_autograd_registration(op, gen):
     index, (n, k) = list(W.index), W.shape
     args = {
         # The backward products are not differentiable: their operands do not ask for grad.
-        "bsr_linear": (x, values, index, n, k, bias),
+        "bsr_linear": (x, values, index, n, k, bias, None, [], None),
         "bsr_linear_grad_input": (dy, values.detach(), index, n, k, "reference"),
         "bsr_linear_grad_weight": (dy, x.detach(), values.detach(), index, n, k, "reference"),
     }[op]

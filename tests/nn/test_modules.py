@@ -116,13 +116,13 @@ def test_sgd_training_tracks_the_masked_dense_model(backend, gen):
     sizes = [IN, OUT, 6]
     dense = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]))
     linears = [dense[0], dense[2]]
-    masks = [random_mask(*grid((l.out_features, l.in_features), BLOCK), 0.5, gen) for l in linears]
-    elementwise = [expand_mask(m, BLOCK, tuple(l.weight.shape)) for m, l in zip(masks, linears)]
+    masks = [random_mask(*grid((linear.out_features, linear.in_features), BLOCK), 0.5, gen) for linear in linears]
+    elementwise = [expand_mask(m, BLOCK, tuple(linear.weight.shape)) for m, linear in zip(masks, linears)]
 
     def remask():
         with torch.no_grad():
-            for l, m in zip(linears, elementwise):
-                l.weight.mul_(m)
+            for linear, m in zip(linears, elementwise):
+                linear.weight.mul_(m)
 
     remask()
     # density=None keeps exactly the blocks holding a nonzero: the test's masks.
@@ -151,8 +151,8 @@ def test_sgd_training_tracks_the_masked_dense_model(backend, gen):
     # (at these sizes they came out identical); 1e-5 is ~100 fp32 ulps.
     torch.testing.assert_close(torch.tensor(losses_sparse), torch.tensor(losses_dense), rtol=1e-5, atol=0)
     assert losses_dense[-1] < losses_dense[0], "the step size must make training visible"
-    for layer, l, mask in zip([sparse[0], sparse[2]], linears, masks):
-        assert_close(layer.values, blocks_in_mask_order(to64(l.weight), mask, BLOCK), torch.float32, "trained values")
+    for layer, linear, mask in zip([sparse[0], sparse[2]], linears, masks):
+        assert_close(layer.values, blocks_in_mask_order(to64(linear.weight), mask, BLOCK), torch.float32, "trained values")
 
 
 # ------------------------------------------------------------------ state_dict

@@ -59,7 +59,7 @@ def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: 
     @T.prim_func
     def block_rows(inp_h: T.handle, V_h: T.handle, off_h: T.handle, idx_h: T.handle, ids_h: T.handle, bias_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        M = T.int32(); IN_W = T.int32(); NNZ = T.int32(); NOFF = T.int32(); NIDS = T.int32(); NBIAS = T.int32(); OUT_W = T.int32()
+        M, IN_W, NNZ, NOFF, NIDS, NBIAS, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         inp = T.match_buffer(inp_h, (M, IN_W), "float32")
         V = T.match_buffer(V_h, (NNZ, Q, P), "float32")
         off = T.match_buffer(off_h, (NOFF,), "int32")

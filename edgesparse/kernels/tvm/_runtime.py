@@ -4,6 +4,7 @@ and the conversion of torch tensors into kernel arguments."""
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Callable, Hashable
 
 import torch
@@ -18,7 +19,14 @@ def _compile(key: Hashable, make_prim_func: Callable, target_json: str):
     import tvm
 
     target = tvm.target.Target(target_json)
-    return tvm.compile(tvm.IRModule({"main": make_prim_func(*key[1:])}), target=target)["main"]
+    kernel = tvm.compile(tvm.IRModule({"main": make_prim_func(*key[1:])}), target=target)["main"]
+    # TVMScript's parser keeps inspect.stack() frame records in reference cycles, and
+    # those frames reach our callers': a kernel first built inside a backward pass kept
+    # that step's autograd graph (activations, and the values' gradient accumulator,
+    # which then rejected a resized pattern) alive until the next garbage collection.
+    # Collecting once per build (tens of ms, against seconds of compiling) frees them now.
+    gc.collect()
+    return kernel
 
 
 def compiled(make_prim_func: Callable, *params: Hashable):

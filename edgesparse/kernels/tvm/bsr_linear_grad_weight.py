@@ -36,7 +36,7 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule):
     @T.prim_func
     def grad_weight(dy_h: T.handle, x_h: T.handle, rows_h: T.handle, cols_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        M = T.int32(); NB = T.int32(); KB = T.int32(); NNZ = T.int32()
+        M, NB, KB, NNZ = T.int32(), T.int32(), T.int32(), T.int32()
         dy = T.match_buffer(dy_h, (NB, M, bn), "float32")
         x = T.match_buffer(x_h, (KB, M, bk), "float32")
         block_row = T.match_buffer(rows_h, (NNZ,), "int32")
@@ -67,7 +67,7 @@ def _make_panels(width: int):
     @T.prim_func
     def panels(t_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        M = T.int32(); W = T.int32(); NB = T.int32()
+        M, W, NB = T.int32(), T.int32(), T.int32()
         t = T.match_buffer(t_h, (M, W), "float32")
         out = T.match_buffer(out_h, (NB, M, width), "float32")
         for j in T.parallel(NB):
