@@ -39,3 +39,24 @@ def test_bench_reports_an_unavailable_backend(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then cannot take CPU tensors
     assert cli.main(["bench", "--quick", "--rounds", "1", "--backend", "triton"]) == 2
     assert "backend 'triton' was requested but cannot run" in capsys.readouterr().err
+
+
+def test_quick_training_section_writes_steps_with_hand_counted_flop_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--section", "training", "--rounds", "1", "--out", str(out)]) == 0
+    assert not out.exists(), "--section training must not run the kernel rows"
+    rows = json.loads((tmp_path / "bench-training.json").read_text())["rows"]
+    assert [r["what"] for r in rows] == ["step", "fwd+bwd"]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+    # MLP 256-256-256-10, batch 64, layers.0 and layers.1 keep 16 of their 64 32x32 blocks. The
+    # first layer's input is data (forward + weight gradient), the others also pass a gradient on.
+    dense_weights, sparse_weights = [256 * 256, 256 * 256, 10 * 256], [16 * 32 * 32, 16 * 32 * 32, 10 * 256]
+    products = [2, 3, 3]
+    flops = lambda weights: sum(p * 2 * 64 * w for p, w in zip(products, weights))  # noqa: E731
+    assert rows[0]["flop_ratio"] == pytest.approx(flops(dense_weights) / flops(sparse_weights))
+    # conv 64 -> 64 channels 3x3: a 64 x 576 matrix of 4 x 36 16x16 blocks, 36 kept; the
+    # input asks for a gradient, so every product runs on both sides: the ratio is 144 / 36.
+    assert rows[1]["flop_ratio"] == pytest.approx(4.0)
+    assert (tmp_path / "bench-training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FLOP ratio" in capsys.readouterr().out

@@ -15,8 +15,9 @@ from torch._dynamo.backends.common import aot_autograd
 
 import edgesparse
 from edgesparse import BSR
+from edgesparse.formats import BSRIndex
 from edgesparse.kernels import dispatch
-from edgesparse.nn import SparseLinear, sparse_linear
+from edgesparse.nn import SparseLinear, WeightGradMask, sparse_linear
 from tests._oracle import assert_close, blocks_in_mask_order, device_for, grid, masked_dense, random_mask, randn, to64
 
 BLOCK = (4, 4)
@@ -72,6 +73,39 @@ def test_opcheck_schema_fake_and_autograd_registration(op, gen):
     }[op]
     with edgesparse.use_backend("reference"):
         torch.library.opcheck(getattr(torch.ops.edgesparse, op).default, args)
+
+
+def masked_problem(gen, dtype, device):
+    """problem() plus a WeightGradMask keeping every other kept block, and the elements
+    of an element mask set on those blocks."""
+    x, values, bias, W, mask = problem(gen, dtype, device)
+    blocks = torch.arange(0, W.nnz_blocks, 2)
+    sub_mask = torch.zeros_like(mask)
+    sub_mask[W.row_indices[blocks].long(), W.col_indices[blocks].long()] = True
+    elements = (torch.rand(len(blocks), *BLOCK, generator=gen) < 0.5).to(dtype).to(device)
+    return x, values, bias, W, mask, WeightGradMask(blocks.to(device), BSRIndex.from_block_mask(sub_mask.to(device)), elements)
+
+
+def test_opcheck_with_a_weight_grad_mask(gen):
+    x, values, bias, W, _, grad_mask = masked_problem(gen, torch.float32, "cpu")
+    args = (x, values, list(W.index), *W.shape, bias, grad_mask.blocks, list(grad_mask.index), grad_mask.elements)
+    with edgesparse.use_backend("reference"):
+        torch.library.opcheck(torch.ops.edgesparse.bsr_linear.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm", "triton"])
+def test_weight_grad_mask_computes_only_its_blocks_and_elements(backend, gen):
+    device = device_for(backend)
+    x, values, bias, W, mask, grad_mask = masked_problem(gen, torch.float32, device)
+    dy = randn((*BATCH, SHAPE[0]), gen, device=device)
+    with edgesparse.use_backend(backend):
+        sparse_linear(x, values, W.index, W.shape, bias, grad_mask).backward(dy)
+    full = blocks_in_mask_order(to64(dy).reshape(-1, SHAPE[0]).T @ to64(x).reshape(-1, SHAPE[1]), mask, BLOCK)
+    expected = torch.zeros_like(full)
+    expected[grad_mask.blocks.cpu()] = full[grad_mask.blocks.cpu()] * to64(grad_mask.elements)
+    assert_close(values.grad, expected, torch.float32, "masked values.grad")
+    # x and bias gradients are not masked.
+    assert_close(x.grad, to64(dy) @ masked_dense(W.to_dense(), mask, BLOCK), torch.float32, "x.grad")
 
 
 # Triton runs under its interpreter on CPU: SHAPE is small enough for it.
