@@ -9,6 +9,13 @@ figures to quote.
 GFLOP/s are counted on the nonzeros: 2 * M * nnz_blocks * bn * bk per product.
 "% of dense rate" is our GFLOP/s over dense torch's GFLOP/s on the full matrix:
 100% would mean a kept block costs exactly what it costs inside a dense product.
+
+The pow2 rows (SmartDeal's W = C·B, :mod:`edgesparse.pow2`) time the products that read
+C's int8 codes against, in the same run: the fp32 BSR of the same (32 x 3) row pattern
+(our BSR kernel), torch dense on the original weight, and rebuilding the dense W from
+C and B (one batched matmul of the dense float C) before each F.linear, as SmartDeal's
+released code does; "density" is the kept fraction of C's rows, and the weight's bytes
+are reported against the fp32 BSR's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .formats import BSR
 from .kernels import dispatch
 
 OPS = ("forward", "grad_input", "grad_weight")
+POW2_OPS = ("pow2_forward", "pow2_grad_input")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,12 @@ class Row:
     pct_of_dense_rate: float
     speedup_vs_dense: float
     speedup_vs_torch_sparse: Optional[float]
+    # pow2 rows only: fp32 BSR of the same pattern, rebuild-dense-then-product, bytes.
+    bsr_same_pattern_ms: Optional[float] = None
+    rebuild_dense_ms: Optional[float] = None
+    speedup_vs_bsr_same_pattern: Optional[float] = None
+    speedup_vs_rebuild_dense: Optional[float] = None
+    weight_bytes_vs_bsr: Optional[float] = None
 
 
 def _headline(op: str, m: int, block: Tuple[int, int], density: float) -> Case:
@@ -75,6 +89,10 @@ DEFAULT_CASES: Tuple[Case, ...] = (
     _headline("forward", 256, (8, 8), 0.1),
     _headline("forward", 256, (64, 64), 0.1),
     _headline("forward", 256, (8, 4), 0.1),
+    # pow2 (issue 4): the memory-bound case of the figures, then a large batch and grad-input.
+    _headline("pow2_forward", 8, (32, 3), 0.5),
+    _headline("pow2_forward", 256, (32, 3), 0.5),
+    _headline("pow2_grad_input", 8, (32, 3), 0.5),
 )
 
 QUICK_CASES: Tuple[Case, ...] = tuple(
@@ -117,6 +135,52 @@ def _torch_sparse_bsr(dense: torch.Tensor, block: Tuple[int, int]) -> Optional[t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Sparse BSR tensor support is in beta state"
         return dense.to_sparse_bsr(block)
+
+
+def smartdeal_tensors(W) -> Tuple[torch.Tensor, torch.Tensor]:
+    """C as the dense float tensor [N, chunks, chunk_rows, 3] (pruned rows zero) and B as
+    [N, chunks, 3, 3]: what SmartDeal's released code keeps, to rebuild W = C·B with one
+    batched matmul before every product."""
+    nb, g, group = W.block_rows, W.n_chunks, W.group
+    C = torch.zeros(nb, g * W.chunk_rows, 3, group)
+    C[W.index.row_indices.long(), W.index.col_indices.long()] = W.coefficients()
+    C = C.permute(0, 3, 1, 2).reshape(nb * group, g, W.chunk_rows, 3)[: W.shape[0]].contiguous()
+    B = W.basis.permute(0, 4, 1, 2, 3).reshape(nb * group, g, 3, 3)[: W.shape[0]].contiguous()
+    return C, B
+
+
+def pow2_providers(case: Case, generator: torch.Generator):
+    """The calls to time for a pow2 case, the number of kept blocks and the weight bytes'
+    ratio to the fp32 BSR's. The weight is decomposed with 2 ALS rounds: the kernels'
+    speed does not depend on how well C·B fits."""
+    from .pow2 import decompose, ops as pow2_ops
+
+    m, n, k = case.m, case.n, case.k
+    w = torch.randn(n, k, generator=generator) * 0.02
+    W = decompose(w, 1.0 - case.density, group=case.block[0], iterations=2).weight
+    bsr = W.to_bsr()
+    C, B = smartdeal_tensors(W)
+
+    def rebuilt() -> torch.Tensor:
+        return torch.matmul(C, B).reshape(n, -1)[:, :k]
+
+    if case.op == "pow2_forward":
+        x = torch.randn(m, k, generator=generator)
+        fns = {
+            "ours": lambda: pow2_ops.pow2_linear(x, W),
+            "dense": lambda: F.linear(x, w),
+            "bsr": lambda: ops.bsr_linear(x, bsr),
+            "rebuild": lambda: F.linear(x, rebuilt()),
+        }
+    else:
+        dy = torch.randn(m, n, generator=generator)
+        fns = {
+            "ours": lambda: pow2_ops.pow2_linear_grad_input(dy, W),
+            "dense": lambda: dy @ w,
+            "bsr": lambda: ops.bsr_linear_grad_input(dy, bsr),
+            "rebuild": lambda: dy @ rebuilt(),
+        }
+    return fns, W.nnz_blocks, W.nbytes()["vs_bsr"]
 
 
 def providers(case: Case, generator: torch.Generator) -> Tuple[Dict[str, Callable[[], object]], int]:
@@ -163,8 +227,19 @@ def _runs(fn: Callable[[], object]) -> bool:
 
 def run_case(case: Case, rounds: int, seed: int = 0) -> Row:
     generator = torch.Generator().manual_seed(seed)
-    fns, nnz_blocks = providers(case, generator)
+    bytes_ratio = None
+    if case.op in POW2_OPS:
+        fns, nnz_blocks, bytes_ratio = pow2_providers(case, generator)
+    else:
+        fns, nnz_blocks = providers(case, generator)
     times = _median_times(fns, rounds)
+    extra = {}
+    if "bsr" in times:
+        extra = dict(
+            bsr_same_pattern_ms=times["bsr"] * 1e3, rebuild_dense_ms=times["rebuild"] * 1e3,
+            speedup_vs_bsr_same_pattern=times["bsr"] / times["ours"],
+            speedup_vs_rebuild_dense=times["rebuild"] / times["ours"], weight_bytes_vs_bsr=bytes_ratio,
+        )
     bn, bk = case.block
     flops_nnz = 2.0 * case.m * nnz_blocks * bn * bk
     flops_dense = 2.0 * case.m * case.n * case.k
@@ -179,6 +254,7 @@ def run_case(case: Case, rounds: int, seed: int = 0) -> Row:
         gflops_nnz=gflops, pct_of_dense_rate=100.0 * gflops / dense_gflops,
         speedup_vs_dense=times["dense"] / times["ours"],
         speedup_vs_torch_sparse=ts / times["ours"] if ts is not None else None,
+        **extra,
     )
 
 
@@ -236,6 +312,17 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_fmt(r.torch_sparse_ms, '.3f'):>12}{r.gflops_nnz:>9.1f}{r.pct_of_dense_rate:>8.0f}%"
             f"{r.speedup_vs_dense:>8.2f}x{_fmt(r.speedup_vs_torch_sparse, '.2f'):>10}x"
         )
+    pow2 = [r for r in rows if r.bsr_same_pattern_ms is not None]
+    if pow2:
+        head = (f"{'pow2 op':<16}{'M':>5}{'dens':>6}{'ours ms':>9}{'BSR ms':>9}{'rebuild ms':>11}"
+                f"{'x BSR':>8}{'x dense':>9}{'x rebuild':>11}{'bytes/BSR':>11}")
+        lines += ["", "pow2 (W = C·B, int8 codes) against the fp32 BSR of the same (32x3) pattern", head, "-" * len(head)]
+        for r in pow2:
+            lines.append(
+                f"{r.op:<16}{r.m:>5}{r.density:>6.2f}{r.ours_ms:>9.3f}{r.bsr_same_pattern_ms:>9.3f}{r.rebuild_dense_ms:>11.3f}"
+                f"{r.speedup_vs_bsr_same_pattern:>7.2f}x{r.speedup_vs_dense:>8.2f}x{r.speedup_vs_rebuild_dense:>10.2f}x"
+                f"{r.weight_bytes_vs_bsr:>11.3f}"
+            )
     return "\n".join(lines)
 
 

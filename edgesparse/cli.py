@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -63,6 +64,74 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import time
+
+    from .cl.experiment import ablation_configs, default_configs, format_table, run_invocation
+    from .cl.train import RunConfig
+
+    out = args.out
+    if args.resume is not None:
+        out = _resume_dir(args.resume)
+        if out is None:
+            print("edgesparse train: --resume found no results/train-* directory to resume", file=sys.stderr)
+            return 2
+    out = out or Path("results") / f"train-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        base = RunConfig(**_train_settings(args))
+        configs = ablation_configs(base) if args.ablation else default_configs(base, args.sparse_method)
+    except (TypeError, ValueError) as err:
+        print(f"edgesparse train: {err}", file=sys.stderr)
+        return 2
+    print(f"edgesparse train -> {out} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+    tic = time.perf_counter()
+    try:
+        results = run_invocation(configs, out, resume=args.resume is not None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"edgesparse train: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    for r in results:
+        if r.get("flops_reduction") and r["sparse_density"] < 1.0:
+            print(f"{r['name']}: {r['flops_reduction']:.2f}x fewer FLOPs, {r['speedup_wall']:.2f}x faster on the clock "
+                  f"(kernel efficiency {r['speedup_wall'] / r['flops_reduction']:.0%} of the FLOP saving), "
+                  f"class-IL {r['delta_class_il']:+.2f} points against dense")
+    print(f"wrote {out / 'results.json'}, {out / 'accuracy.png'} and {out / 'speed_accuracy.png'} "
+          f"in {time.perf_counter() - tic:.0f} s")
+    return 0
+
+
+def _resume_dir(value: str) -> Optional[Path]:
+    if value != "latest":
+        return Path(value)
+    candidates = sorted(Path("results").glob("train-*/invocation.json"))
+    return candidates[-1].parent if candidates else None
+
+
+# Settings of `edgesparse train` (full size, --quick): the full default fits the < 10 min
+# budget on 2 cores for both runs together.
+_TRAIN_DEFAULTS = {
+    "stream": ("split-mnist1d", "split-digits"),
+    "hidden": ((2048, 2048, 2048), (128, 128, 128)),
+    "block": ((32, 32), (16, 16)),
+    "epochs": (5, 2),
+    "buffer_size": (500, 100),
+    "sparsity": (0.9, 0.5),
+}
+
+
+def _train_settings(args: argparse.Namespace) -> dict:
+    settings = {}
+    for key, (full, quick) in _TRAIN_DEFAULTS.items():
+        value = getattr(args, key)
+        settings[key] = (quick if args.quick else full) if value is None else value
+    settings["hidden"] = tuple(settings["hidden"])
+    settings["block"] = tuple(settings["block"]) if len(settings["block"]) == 2 else (settings["block"][0],) * 2
+    for key in ("strategy", "lr", "seed", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
+        settings[key] = getattr(args, key)
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesparse", description="Block-sparse training kernels: benchmarks and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,18 +147,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="result file; .json and .csv are written (default results/bench-<time>.json)")
     b.set_defaults(run=_bench)
     e = sub.add_parser("export", help="write a checkpoint's model as kernels + weights + manifest for the C++ host (runtime/)")
-    e.add_argument("checkpoint", type=Path, help="a model checkpoint written by edgesparse.export.save_checkpoint")
+    e.add_argument("checkpoint", type=Path, help="a checkpoint: edgesparse.export.save_checkpoint's, or a training run's (its MLP)")
     e.add_argument("out", type=Path, help="directory to write")
     e.add_argument("--target", choices=("host", "aarch64"), default="host", help="CPU to compile for (default: this one)")
     e.add_argument("--batch-hint", type=int, default=32, help="batch the kernel schedules are chosen for (default 32)")
     e.add_argument("--report", action="store_true", help="print the directory's size against the dense fp32 state_dict")
     e.set_defaults(run=_export)
+
+    t = sub.add_parser("train", help="continual learning on sparse layers against a dense baseline (the main job)")
+    t.add_argument("--quick", action="store_true", help="a tiny stream and model, seconds (a smoke run)")
+    t.add_argument("--stream", choices=("split-mnist1d", "split-digits", "permuted-mnist1d"), default=None,
+                   help="data stream (default split-mnist1d; quick: split-digits)")
+    t.add_argument("--strategy", choices=("derpp", "er", "finetune", "joint"), default="derpp")
+    t.add_argument("--sparse-method", choices=("sparcl", "rigl", "spfde", "static"), default="sparcl",
+                   help="what the sparse run adds to its strategy (default SparCL's TDM + DDR + DGM)")
+    t.add_argument("--ablation", action="store_true",
+                   help="instead: SparCL with TDM, DDR and DGM each on and off (8 runs) and dense")
+    t.add_argument("--sparsity", type=float, default=None, help="block sparsity of the hidden layers (default 0.9)")
+    t.add_argument("--distribution", choices=("uniform", "erk"), default="uniform", help="per-layer densities")
+    t.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths (default 2048 2048 2048)")
+    t.add_argument("--block", type=int, nargs="+", default=None, help="block shape, one or two ints (default 32)")
+    t.add_argument("--epochs", type=int, default=None, help="epochs per task (default 5)")
+    t.add_argument("--buffer-size", dest="buffer_size", type=int, default=None, help="replay buffer, samples (default 500)")
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    t.add_argument("--buffer-batch", dest="buffer_batch", type=int, default=32, help="replay batch size (each of DER++'s two)")
+    t.add_argument("--dgm-fraction", dest="dgm_fraction", type=float, default=0.2,
+                   help="share of weight-gradient blocks DGM computes (default 0.2, SparCL's)")
+    t.add_argument("--tdm-delta", dest="tdm_delta", type=float, default=0.002,
+                   help="share of all blocks TDM swaps per phase (default 0.002; SparCL's paper: 0.01)")
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue an interrupted invocation from its checkpoints (default: the latest results/train-*)")
+    t.set_defaults(run=_train)
+    from .compiler.commands import add_commands  # `tune` and `map` (compiler issue)
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "train" and "OMP_WAIT_POLICY" not in os.environ:
+        _restart_with_passive_omp()
     return args.run(args)
+
+
+def _restart_with_passive_omp() -> None:
+    """Run the command again in a process with OMP_WAIT_POLICY=PASSIVE. OpenMP reads it
+    when torch loads its runtime, before any code here runs, so it cannot be set later.
+    Spinning OpenMP workers (torch's default) take the cores that TVM's workers need in
+    the next sparse product; see README for the measurement. Only for the command line:
+    main(argv) called from Python keeps its process."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    os.execve(sys.executable, [sys.executable, "-m", "edgesparse.cli", *sys.argv[1:]], env)
 
 
 if __name__ == "__main__":

@@ -264,3 +264,61 @@ def forward_and_input_grad(layer, x):
         y = layer(x)
         y.sum().backward()
     return y.detach(), x.grad
+
+
+def compile_training_step(model, x, target, backend):
+    """Compile one MSE training step of ``model`` with ``torch.compile(fullgraph=True)``
+    (any graph break is an error) and run it and the eager step on ``backend``.
+
+    Returns ((compiled loss, grads), (eager loss, grads), the names of every op in the
+    forward and backward graphs). Dynamo traces loss.backward() inside the compiled
+    function only with trace_autograd_ops (torch 2.13); AOTAutograd then puts the
+    registered backwards, with their sparse products, in the same graphs.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    params = list(model.parameters())
+
+    def step(x, target):
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        return loss.detach()
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        return fn(x, target), [p.grad for p in params]
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with use_backend(backend), torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+        compiled_result, eager_result = run(compiled), run(step)
+    torch._dynamo.reset()
+    return compiled_result, eager_result, {str(node.target) for gm in graphs for node in gm.graph.nodes}
+
+
+def check_conv_against_dense(conv, layer, block, mask, x, gen, backend):
+    """Forward and every gradient of the sparse ``layer`` on ``backend`` against ``conv``
+    (the dense layer holding the same masked weights) run in float64."""
+    import copy
+
+    x = x.detach().clone().requires_grad_()
+    with use_backend(backend):
+        y = layer(x)
+        dy = randn(tuple(y.shape), gen)
+        y.backward(dy)
+    oracle = copy.deepcopy(conv).double()
+    x64 = to64(x).requires_grad_()
+    y64 = oracle(x64)
+    y64.backward(to64(dy))
+    assert_close(y, y64, torch.float32, "forward")
+    assert_close(x.grad, x64.grad, torch.float32, "grad input")
+    weight_grad = blocks_in_mask_order(oracle.weight.grad.reshape(conv.out_channels, -1), mask, block)
+    assert_close(layer.values.grad, weight_grad, torch.float32, "grad values")
+    if conv.bias is not None:
+        assert_close(layer.bias.grad, oracle.bias.grad, torch.float32, "grad bias")

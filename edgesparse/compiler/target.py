@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
 
 
 def cpu_count() -> int:
@@ -63,8 +65,105 @@ def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
+
+
+# The /proc/cpuinfo flags that change the code LLVM may emit for our kernels. Only
+# these enter the fingerprint: the full flag list also carries hypervisor and
+# microcode details that differ between hosts of one CPU model.
+_ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "asimdhp", "sve", "sve2",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device the kernels are compiled and tuned for.
+
+    cpu_model  the vendor's name (/proc/cpuinfo 'model name')
+    llvm_cpu   LLVM's name, what TVM compiles for ('znver3')
+    features   ISA extensions that matter to code generation, sorted
+    cores      CPUs this process may use
+    machine    'x86_64', 'aarch64', ...
+    gpu        the CUDA device's name when torch sees one, else None
+    """
+
+    cpu_model: str
+    llvm_cpu: str
+    features: Tuple[str, ...]
+    cores: int
+    machine: str
+    gpu: Optional[str] = None
+
+    @classmethod
+    def detect(cls) -> "Target":
+        """This machine (cached: the hardware does not change under a running process)."""
+        return _detect()
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable, readable id: machine, LLVM CPU, ISA features, cores (and GPU).
+
+        Equal on two machines whose tuned schedules and compiled kernels are
+        interchangeable; the CPU's marketing name is left out (LLVM's name decides the code).
+        """
+        parts = [self.machine, self.llvm_cpu, "+".join(self.features) or "baseline", f"{self.cores}c"]
+        if self.gpu:
+            parts.append(re.sub(r"[^A-Za-z0-9]+", "_", self.gpu).strip("_"))
+        return "-".join(parts)
+
+    def tvm_target(self):
+        """The TVM (LLVM) target for this CPU and core count."""
+        import tvm
+
+        return tvm.target.Target({"kind": "llvm", "mcpu": self.llvm_cpu, "num-cores": self.cores})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "features": list(self.features), "fingerprint": self.fingerprint}
+
+
+@functools.lru_cache(maxsize=None)
+def _detect() -> Target:
+    return Target(
+        cpu_model=_cpu_model(),
+        llvm_cpu=host_cpu_name(),
+        features=tuple(sorted(_cpu_flags() & set(_ISA_FLAGS))),
+        cores=cpu_count(),
+        machine=platform.machine(),
+        gpu=_gpu_name(),
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpu_name() -> Optional[str]:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return None
+
+
+def versions() -> dict:
+    """The package and compiler versions a tuned schedule or a compiled kernel depends on."""
+    import tvm
+
+    from .. import __version__
+
+    return {"edgesparse": __version__, "tvm": tvm.__version__}

@@ -103,6 +103,18 @@ def _(dy, x, values, index, n, k, backend):
     return torch.empty_like(values)
 
 
+def masked_weight_grad(grad_weight, values, index, grad_blocks, grad_index, grad_elements) -> Tensor:
+    """``grad_weight(values, index)`` (a grad-weight product on a pattern), or with a
+    gradient mask (``grad_blocks`` not None, see :class:`WeightGradMask`) the product on
+    the mask's sub-pattern only, times its element mask, scattered into zeros."""
+    if grad_blocks is None:
+        return grad_weight(values, index)
+    kept = grad_weight(values.index_select(0, grad_blocks), grad_index)
+    if grad_elements is not None:
+        kept = kept * grad_elements
+    return torch.zeros_like(values).index_copy_(0, grad_blocks, kept)
+
+
 def _setup_context(ctx, inputs, output):
     x, values, index, n, k, _bias, grad_blocks, grad_index, grad_elements = inputs
     # x is kept only for the weight gradient: a frozen layer does not hold its input alive.
@@ -120,13 +132,11 @@ def _backward(ctx, dy):
     dx = dvalues = dbias = None
     if needs_x:
         dx = _bsr_linear_grad_input(dy, values, index, ctx.n, ctx.k, ctx.backend)
-    if needs_values and grad_blocks is None:
-        dvalues = _bsr_linear_grad_weight(dy, x, values, index, ctx.n, ctx.k, ctx.backend)
-    elif needs_values:
-        kept = _bsr_linear_grad_weight(dy, x, values.index_select(0, grad_blocks), grad_index, ctx.n, ctx.k, ctx.backend)
-        if grad_elements is not None:
-            kept = kept * grad_elements
-        dvalues = torch.zeros_like(values).index_copy_(0, grad_blocks, kept)
+    if needs_values:
+        dvalues = masked_weight_grad(
+            lambda v, i: _bsr_linear_grad_weight(dy, x, v, i, ctx.n, ctx.k, ctx.backend),
+            values, index, grad_blocks, grad_index, grad_elements,
+        )
     if needs_bias:
         dbias = dy.reshape(-1, ctx.n).sum(0)
     # A Tensor[] argument takes a list of (no) gradients, one per tensor.

@@ -4,7 +4,8 @@ The config follows torchao's FqnToConfig: a module's qualified name is looked up
 exact key first, then against the ``"re:<pattern>"`` keys (``re.fullmatch``, the first
 match in the config's insertion order), then under ``"default"``. The value is a
 :class:`SparseScheme` (or a dict with the same fields), or None to keep the layer dense —
-the way to exclude, say, the first layer or the classifier from a default.
+the way to exclude, say, the first layer or the classifier from a default. A
+:class:`~edgesparse.nn.pow2.Pow2Scheme` value makes the layer a Pow2Linear / Pow2Conv2d.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..formats import _check_block, _check_density
 from .modules import SparseConv2d, SparseLinear, _conv_unsupported
+from .pow2 import Pow2Scheme
 
 __all__ = ["SparseScheme", "sparsify"]
 
@@ -38,7 +40,7 @@ class SparseScheme:
     @classmethod
     def coerce(cls, value, where: str) -> Optional["SparseScheme"]:
         """A scheme from a config value: a SparseScheme, a dict of its fields, or None."""
-        if value is None or isinstance(value, cls):
+        if value is None or isinstance(value, (cls, Pow2Scheme)):
             return value
         if not isinstance(value, Mapping):
             raise TypeError(
@@ -61,7 +63,7 @@ class SparseScheme:
             raise type(err)(f"{where}: {err}") from err
 
 
-SchemeLike = Union[SparseScheme, Mapping, None]
+SchemeLike = Union[SparseScheme, Pow2Scheme, Mapping, None]
 
 
 class _Rules:
@@ -115,7 +117,8 @@ def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
     """Replace, in place, each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` that ``config``
     gives a scheme with ``SparseLinear.from_dense(layer, scheme.block, scheme.density)``
     (``SparseConv2d.from_dense`` for a conv, whose weight is blocked as the matrix
-    [out_channels, in_channels·kh·kw]); returns ``model``.
+    [out_channels, in_channels·kh·kw]); returns ``model``. ``config`` may also be an
+    :class:`edgesparse.pruning_maps.PruningMap`.
 
     ``re:`` patterns and the default apply to the layers sparsify supports and pass over
     the others (containers, norms, grouped convs, ...); a module named exactly must be
@@ -124,6 +127,10 @@ def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from ..pruning_maps.pmap import PruningMap  # here: pruning_maps imports this module
+
+    if isinstance(config, PruningMap):  # a map from ``edgesparse map``: its per-layer config
+        config = config.to_config()
     rules = _Rules(config)
     # remove_duplicate=False: a shared layer is swapped under every name it has.
     named = list(model.named_modules(remove_duplicate=False))
@@ -151,7 +158,9 @@ def sparsify(model: nn.Module, config: Mapping[str, SchemeLike]) -> nn.Module:
             )
         if id(module) not in built:
             try:
-                built[id(module)] = (name, scheme, sparse_class.from_dense(module, scheme.block, scheme.density))
+                layer = (scheme.build(module) if isinstance(scheme, Pow2Scheme)
+                         else sparse_class.from_dense(module, scheme.block, scheme.density))
+                built[id(module)] = (name, scheme, layer)
             except ValueError as err:
                 raise ValueError(f"cannot sparsify {name!r}: {err}") from err
         first_name, first_scheme, sparse = built[id(module)]

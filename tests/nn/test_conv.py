@@ -23,6 +23,7 @@ from tests._oracle import (
     assert_close,
     assert_pattern,
     blocks_in_mask_order,
+    check_conv_against_dense,
     expand_mask,
     grid,
     randn,
@@ -71,21 +72,7 @@ def test_forward_and_all_gradients_match_masked_dense_conv(case, backend, gen):
         layer = SparseConv2d.from_dense(conv, block)
     assert_pattern(layer, mask)
 
-    x = randn((BATCH, conv.in_channels, *HW), gen).requires_grad_()
-    with edgesparse.use_backend(backend):
-        y = layer(x)
-        dy = randn(tuple(y.shape), gen)
-        y.backward(dy)
-
-    oracle = copy.deepcopy(conv).double()
-    x64 = to64(x).requires_grad_()
-    y64 = oracle(x64)
-    y64.backward(to64(dy))
-    assert_close(y, y64, torch.float32, "forward")
-    assert_close(x.grad, x64.grad, torch.float32, "grad input")
-    weight_grad = blocks_in_mask_order(oracle.weight.grad.reshape(conv.out_channels, -1), mask, block)
-    assert_close(layer.values.grad, weight_grad, torch.float32, "grad values")
-    assert_close(layer.bias.grad, oracle.bias.grad, torch.float32, "grad bias")
+    check_conv_against_dense(conv, layer, block, mask, randn((BATCH, conv.in_channels, *HW), gen), gen, backend)
 
 
 def test_gradcheck_reference_fp64(gen):

@@ -11,14 +11,23 @@ import pytest
 import torch
 from torch import nn
 from torch._C._profiler import _EventType
-from torch._dynamo.backends.common import aot_autograd
 
 import edgesparse
 from edgesparse import BSR
 from edgesparse.formats import BSRIndex
 from edgesparse.kernels import dispatch
 from edgesparse.nn import SparseLinear, WeightGradMask, sparse_linear
-from tests._oracle import assert_close, blocks_in_mask_order, device_for, grid, masked_dense, random_mask, randn, to64
+from tests._oracle import (
+    assert_close,
+    blocks_in_mask_order,
+    compile_training_step,
+    device_for,
+    grid,
+    masked_dense,
+    random_mask,
+    randn,
+    to64,
+)
 
 BLOCK = (4, 4)
 SHAPE = (13, 19)  # (N, K): ragged for 4x4 blocks
@@ -163,35 +172,7 @@ def test_backward_runs_on_the_backend_the_forward_was_asked_for(gen, monkeypatch
 def test_compiled_training_step_has_no_graph_break(gen):
     model = nn.Sequential(SparseLinear(19, 13, BLOCK, 0.5), nn.ReLU(), SparseLinear(13, 6, BLOCK, 0.7))
     x, target = randn((5, 19), gen), randn((5, 6), gen)
-    params = list(model.parameters())
-
-    def step(x, target):
-        loss = nn.functional.mse_loss(model(x), target)
-        loss.backward()
-        return loss.detach()
-
-    def run(fn):
-        for p in params:
-            p.grad = None
-        loss = fn(x, target)
-        return loss, [p.grad for p in params]
-
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    # fullgraph=True turns any graph break into an error. Dynamo traces loss.backward()
-    # inside the compiled function only with trace_autograd_ops (torch 2.13); AOTAutograd
-    # then puts the registered backward, with its two sparse products, in the same graph.
-    with edgesparse.use_backend("reference"), torch._dynamo.config.patch(trace_autograd_ops=True):
-        compiled = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-        loss_c, grads_c = run(compiled)
-        loss_e, grads_e = run(step)
-    torch._dynamo.reset()
-
-    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    (loss_c, grads_c), (loss_e, grads_e), targets = compile_training_step(model, x, target, "reference")
     assert {f"edgesparse.{op}.default" for op in OPS} <= targets
     torch.testing.assert_close(loss_c, loss_e)
     for got, expected in zip(grads_c, grads_e):

@@ -7,6 +7,10 @@ forward:     inp = x,  rows = W's block rows,    V = W's blocks transposed [bk, 
              blk(b) = b                                   (P = bn, Q = bk)
 grad-input:  inp = dy, rows = W's block columns, V = W's blocks as stored  [bn, bk],
              blk(b) = col_order[b]                        (P = bk, Q = bn)
+conv forward: as forward, with inp[m, k] the implicit im2col rows of a padded image,
+             read at ``row_base[m] + col_off[k]`` (the build flag ``gather``; see
+             ``bsr_conv2d.py``): the input element is a scalar broadcast, so the
+             gather costs one table load per reduction step, shared by the tile.
 
 Each output block row is a sum over that row's blocks only: no atomics, no dense W.
 The register tile is ``rows`` batch rows by ``cols`` output columns, vectorised over
@@ -23,16 +27,20 @@ from __future__ import annotations
 import torch
 
 from .schedule import Schedule, check_fits
-from ._runtime import compiled, kernel_arg, placeholder
+from ._runtime import compiled, kernel_arg, placeholder, rows_operand
 
 
-def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool):
+def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool, gather: bool):
     from tvm.script import tirx as T
 
     MT, PT, UQ = sched.rows, sched.cols, sched.unroll
+    inp_shape, inp_at = rows_operand(gather)
+
+    def blk(ids, b):
+        return ids[b] if indirect else b
 
     @T.macro
-    def tile(inp, V, off, idx, ids, bias, out, i, m_start, rows):
+    def tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, m_start, rows):
         for p0 in T.serial(P // PT):
             acc = T.alloc_buffer((rows, PT), "float32")  # 'global' scope: below 1 KiB TVM puts it on the stack
             for mt in T.unroll(rows):
@@ -46,10 +54,7 @@ def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: 
                     for q1 in T.unroll(UQ):
                         for mt in T.unroll(rows):
                             for p in T.vectorized(PT):
-                                if indirect:
-                                    acc[mt, p] = acc[mt, p] + inp[m_start + mt, idx[b] * Q + q0 * UQ + q1] * V[ids[b], q0 * UQ + q1, p0 * PT + p]
-                                else:
-                                    acc[mt, p] = acc[mt, p] + inp[m_start + mt, idx[b] * Q + q0 * UQ + q1] * V[b, q0 * UQ + q1, p0 * PT + p]
+                                acc[mt, p] = acc[mt, p] + inp_at(inp, row_base, col_off, m_start + mt, idx[b] * Q + q0 * UQ + q1) * V[blk(ids, b), q0 * UQ + q1, p0 * PT + p]
             for mt in T.unroll(rows):
                 for p in T.vectorized(PT):
                     out[m_start + mt, i * P + p0 * PT + p] = acc[mt, p]
@@ -57,43 +62,53 @@ def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: 
     parallel_over_blocks = sched.parallel == "blocks"
 
     @T.prim_func
-    def block_rows(inp_h: T.handle, V_h: T.handle, off_h: T.handle, idx_h: T.handle, ids_h: T.handle, bias_h: T.handle, out_h: T.handle):
+    def block_rows(inp_h: T.handle, row_base_h: T.handle, col_off_h: T.handle, V_h: T.handle, off_h: T.handle, idx_h: T.handle,
+                   ids_h: T.handle, bias_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        M, IN_W, NNZ, NOFF, NIDS, NBIAS, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        inp = T.match_buffer(inp_h, (M, IN_W), "float32")
+        M, IN_W, FLAT, NRB, NCO = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        NNZ, NOFF, NIDS, NBIAS, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        out = T.match_buffer(out_h, (M, OUT_W), "float32")
+        inp = T.match_buffer(inp_h, inp_shape(M, IN_W, FLAT), "float32")
+        row_base = T.match_buffer(row_base_h, (NRB,), "int32")
+        col_off = T.match_buffer(col_off_h, (NCO,), "int32")
         V = T.match_buffer(V_h, (NNZ, Q, P), "float32")
         off = T.match_buffer(off_h, (NOFF,), "int32")
         idx = T.match_buffer(idx_h, (NNZ,), "int32")
         ids = T.match_buffer(ids_h, (NIDS,), "int32")
         bias = T.match_buffer(bias_h, (NBIAS,), "float32")
-        out = T.match_buffer(out_h, (M, OUT_W), "float32")
         # The last M % rows batch rows take a one-row tile.
         if parallel_over_blocks:
             for i in T.parallel(NOFF - 1):
                 for m0 in T.serial(M // MT):
-                    tile(inp, V, off, idx, ids, bias, out, i, m0 * MT, MT)
+                    tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, m0 * MT, MT)
                 for m in T.serial(M % MT):
-                    tile(inp, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
+                    tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
         else:
             for m0 in T.parallel(M // MT):
                 for i in T.serial(NOFF - 1):
-                    tile(inp, V, off, idx, ids, bias, out, i, m0 * MT, MT)
+                    tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, m0 * MT, MT)
             for m in T.parallel(M % MT):
                 for i in T.serial(NOFF - 1):
-                    tile(inp, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
+                    tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, M - M % MT + m, 1)
 
     return block_rows
 
 
-def block_rows_product(inp, V, offsets, idx, ids, bias, out_width: int, sched: Schedule) -> torch.Tensor:
+def block_rows_product(inp, V, offsets, idx, ids, bias, out_width: int, sched: Schedule, gather=None) -> torch.Tensor:
     """Run the kernel; ``inp`` [M, n_in_blocks * Q], returns out [M, out_width] where
-    out_width = (len(offsets) - 1) * P. ``ids`` None means blk(b) = b; ``bias`` may be None."""
+    out_width = (len(offsets) - 1) * P. ``ids`` None means blk(b) = b; ``bias`` may be None.
+
+    ``gather``: (row_base [M], col_off [n_in_blocks * Q]) int32, when ``inp`` is a flat
+    image whose unfolded rows are read through these tables (``rows_operand``)."""
     _, Q, P = V.shape
     check_fits(sched, P, Q, "output")
-    fn = compiled(_make_block_rows, P, Q, sched, ids is not None, bias is not None)
-    out = torch.empty(inp.shape[0], out_width, dtype=inp.dtype)
+    fn = compiled(_make_block_rows, P, Q, sched, ids is not None, bias is not None, gather is not None)
+    row_base, col_off = gather if gather is not None else (placeholder(torch.int32), placeholder(torch.int32))
+    out = torch.empty(inp.shape[0] if gather is None else row_base.shape[0], out_width, dtype=inp.dtype)
     fn(
         kernel_arg(inp),
+        kernel_arg(row_base),
+        kernel_arg(col_off),
         kernel_arg(V),
         kernel_arg(offsets),
         kernel_arg(idx),

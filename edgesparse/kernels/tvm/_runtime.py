@@ -18,8 +18,12 @@ _ALIGNMENT = 64
 def _compile(key: Hashable, make_prim_func: Callable, target_json: str):
     import tvm
 
-    target = tvm.target.Target(target_json)
-    kernel = tvm.compile(tvm.IRModule({"main": make_prim_func(*key[1:])}), target=target)["main"]
+    from ...compiler.cache import load_or_build  # built kernels persist on disk (compiler issue)
+
+    def build():
+        return tvm.compile(tvm.IRModule({"main": make_prim_func(*key[1:])}), target=tvm.target.Target(target_json))
+
+    kernel = load_or_build(f"{make_prim_func.__module__}.{key[0]}", key[1:], target_json, build)
     # TVMScript's parser keeps inspect.stack() frame records in reference cycles, and
     # those frames reach our callers': a kernel first built inside a backward pass kept
     # that step's autograd graph (activations, and the values' gradient accumulator,
@@ -78,3 +82,16 @@ def cached_on(t: torch.Tensor, name: str, derive: Callable[[torch.Tensor], torch
     if hit is None or hit[0] != stamp:
         hit = entries[name] = (stamp, derive(t))
     return hit[1]
+
+
+def rows_operand(gather: bool):
+    """How a kernel reads its row operand ``inp[m, k]``, fixed when it is built: the
+    buffer's shape from (M, width, flat length), and the element at (m, k).
+
+    Plain: inp is the matrix [M, width]. Gathered (a convolution's implicit im2col):
+    inp is the flat zero-padded image and element (m, k) of the unfolded rows lies at
+    ``row_base[m] + col_off[k]`` (see ``bsr_conv2d.py``), so the rows are never built.
+    """
+    if gather:
+        return (lambda m, width, flat: (flat,)), (lambda inp, row_base, col_off, m, k: inp[row_base[m] + col_off[k]])
+    return (lambda m, width, flat: (m, width)), (lambda inp, row_base, col_off, m, k: inp[m, k])

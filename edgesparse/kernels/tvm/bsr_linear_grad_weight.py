@@ -11,6 +11,11 @@ walk down the batch reads consecutive memory. Read in place, consecutive rows ar
 N*4 bytes apart (8 KiB for N = 2048): every row of a 32-wide slab falls into the same
 L1 sets, and the kernel ran at 9 GFLOP/s; the two copies cost about a tenth of the
 kernel time.
+
+Only the block rows and columns that hold a kept block are packed (``_used``): a
+convolution's weight matrix has 9x more columns than rows, so at 10% of 32x32 blocks on
+256 x 2304 (8 block rows) 43% of the block columns are empty, and their panels (the
+unfolded input, 19 MB at batch 32 on 8x8) were written for nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from ...formats import BSR
-from ._runtime import compiled, kernel_arg
-from .schedule import Schedule, check_fits, heuristic_grad_weight
+from ._runtime import cached_on, compiled, kernel_arg, placeholder, rows_operand
+from .schedule import Schedule, check_fits, heuristic_grad_weight, tuned
 
 
 def _make_grad_weight(bn: int, bk: int, sched: Schedule):
@@ -61,38 +66,74 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule):
     return grad_weight
 
 
-def _make_panels(width: int):
+def _make_panels(width: int, gather: bool):
     from tvm.script import tirx as T
 
+    t_shape, t_at = rows_operand(gather)
+
+    def columns(t_width, n_col_off):  # gathered: one table entry per column
+        return n_col_off if gather else t_width
+
     @T.prim_func
-    def panels(t_h: T.handle, out_h: T.handle):
+    def panels(t_h: T.handle, row_base_h: T.handle, col_off_h: T.handle, which_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        M, W, NB = T.int32(), T.int32(), T.int32()
-        t = T.match_buffer(t_h, (M, W), "float32")
+        M, TW, NB, FLAT, NRB, NCO = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         out = T.match_buffer(out_h, (NB, M, width), "float32")
+        t = T.match_buffer(t_h, t_shape(M, TW, FLAT), "float32")
+        row_base = T.match_buffer(row_base_h, (NRB,), "int32")
+        col_off = T.match_buffer(col_off_h, (NCO,), "int32")
+        which = T.match_buffer(which_h, (NB,), "int32")
+        W = columns(TW, NCO)
         for j in T.parallel(NB):
             for m in T.serial(M):
                 for c in T.vectorized(width):
-                    out[j, m, c] = T.if_then_else(j * width + c < W, t[m, T.min(j * width + c, W - 1)], T.float32(0))
+                    out[j, m, c] = T.if_then_else(
+                        which[j] * width + c < W,
+                        t_at(t, row_base, col_off, m, T.min(which[j] * width + c, W - 1)),
+                        T.float32(0),
+                    )
 
     return panels
 
 
-def _panels(t: torch.Tensor, blocks: int, width: int) -> torch.Tensor:
-    """t [M, w] as [blocks, M, width]: one contiguous, zero-padded panel per block column.
+def _panels(t: torch.Tensor, blocks: int, width: int, gather=None, which: torch.Tensor | None = None) -> torch.Tensor:
+    """t [M, w] as [blocks, M, width]: one contiguous, zero-padded panel per block column;
+    with ``which`` (int32), only those block columns, as [len(which), M, width].
 
     A TVM kernel rather than torch's permute-and-copy, which runs on one thread: at
     M = 256 and 2048 columns the two copies took a quarter of grad-weight's time.
+
+    ``gather``: (row_base [M], col_off [w]) when t is a flat image whose unfolded rows
+    are read through these tables (``rows_operand``): a convolution's implicit im2col.
     """
-    out = torch.empty(blocks, t.shape[0], width, dtype=t.dtype)
-    compiled(_make_panels, width)(kernel_arg(t), out)
+    row_base, col_off = gather if gather is not None else (placeholder(torch.int32), placeholder(torch.int32))
+    which = torch.arange(blocks, dtype=torch.int32) if which is None else which
+    out = torch.empty(which.shape[0], t.shape[0] if gather is None else row_base.shape[0], width, dtype=t.dtype)
+    fn = compiled(_make_panels, width, gather is not None)
+    fn(kernel_arg(t), kernel_arg(row_base), kernel_arg(col_off), kernel_arg(which), out)
     return out
 
 
-def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: Schedule | None = None) -> torch.Tensor:
-    """Values [nnz_blocks, bn, bk] of dy.T @ x on W's pattern; dy [M, N], x [M, K] contiguous."""
+def _used(block_indices: torch.Tensor):
+    """(the distinct block indices, sorted; each entry's position among them), int32:
+    which panels to pack, and where each kept block finds its panel. Kept with the index."""
+
+    def derive(indices):
+        used, position = torch.unique(indices, return_inverse=True)
+        return used.to(torch.int32), position.to(torch.int32)
+
+    return cached_on(block_indices, "tvm_used_panels", derive)
+
+
+def bsr_linear_grad_weight(
+    dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: Schedule | None = None, gather=None
+) -> torch.Tensor:
+    """Values [nnz_blocks, bn, bk] of dy.T @ x on W's pattern; dy [M, N], x [M, K] contiguous.
+
+    ``gather``: (row_base [M], col_off [K]) int32 when x is a flat padded image whose
+    implicit im2col rows are read through these tables (see ``bsr_conv2d.py``)."""
     bn, bk = W.block
-    sched = schedule or heuristic_grad_weight(W.block, dy.shape[0])
+    sched = schedule or (gather is None and tuned("grad_weight", W, dy.shape[0])) or heuristic_grad_weight(W.block, dy.shape[0])
     check_fits(sched, bk, None, "column")
     if bn % sched.rows:
         raise ValueError(f"schedule.rows={sched.rows} must divide the block's row count {bn}")
@@ -100,11 +141,6 @@ def bsr_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: BSR, schedule: 
         return torch.zeros_like(W.values)
     out = torch.empty_like(W.values)
     fn = compiled(_make_grad_weight, bn, bk, sched)
-    fn(
-        _panels(dy, W.block_rows, bn),
-        _panels(x, W.block_cols, bk),
-        W.row_indices,
-        W.col_indices,
-        out,
-    )
+    (rows, row_panel), (cols, col_panel) = _used(W.row_indices), _used(W.col_indices)
+    fn(_panels(dy, W.block_rows, bn, which=rows), _panels(x, W.block_cols, bk, gather, cols), row_panel, col_panel, out)
     return out

@@ -1,0 +1,170 @@
+"""Forward of a power-of-two weight: y = x @ W.T + bias with W = C·B read as int8 codes.
+
+Which order to evaluate in. For output row n, chunk g and kept C row r (one block b at
+block row f = n // group, block column r):
+
+    y[m, n] += sum_j x[m, 3r + j] · W[n, 3r + j],   W[n, 3r + j] = sum_i C[n, r, i]·B[n, g][i, j]
+
+B belongs to the output row, so it cannot be applied to x once and shared by all rows
+(that would cost 9 products per row and per n). Two orders remain, per kept C row of
+one output row, for M rows of x:
+  (a) partial sums first: S[m, i, j] += C[n, r, i]·x[m, 3r + j], contracted with B once
+      per chunk: 9·M multiply-adds, plus 9·M per chunk;
+  (b) rebuild W's 3 entries in registers, then use them: 9 multiply-adds (and 3
+      decodes) once, plus 3·M for the product.
+(b) is cheaper for every M >= 2 (M = 8: 33 against 72) and reads the same bytes, so the
+kernel does (b): for each kept block it decodes the block's 3 x group codes into
+registers (integer ops, see _pow2.py), mixes them with the chunk's B — stored
+[NB, G, 3, 3, group] so a vector over the group's output rows is contiguous — and feeds
+the 3 rebuilt W vectors to a register tile of ``rows`` x ``cols`` accumulators, as the
+fp32 BSR kernel (_block_rows.py) does with W read from memory. Per kept element it
+reads 1 byte of code (plus 36 bytes of B per output row and chunk) where the fp32 BSR
+of the same pattern reads 4: the saving that matters when M is small and W dominates
+the traffic.
+
+Threads split the block rows (filter groups): each owns its outputs, no atomics.
+
+Measured (``edgesparse bench`` pow2 rows, 2 Zen 3 cores shared with other jobs, x 8 x
+2048, W 2048 x 2048 with half of C's rows kept): against our fp32 BSR kernel on the same
+pattern, medians of four 3-run sets 1.52x, 1.48x, 2.51x, 1.11x (single runs 0.5-2.8x:
+the machine's load, not the kernel, sets the spread); 9-20x torch dense; 20-99x
+rebuilding W from C and B before F.linear.
+
+With more rows the product is compute-bound, and per element the in-register path does
+about twice the fp32 kernel's work (decode and mix, then the same FMAs): 0.61x the fp32
+BSR at M = 256. So from DECODE_ONCE_ROWS rows on, the kept blocks are decoded once per call instead
+(``decoded_blocks``) and the fp32 BSR kernel runs on them: W's int8 codes are still all
+that is stored, and the extra pass costs what one fp32 BSR read of W does (M = 256:
+0.84x the fp32 BSR, median of 3 runs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...formats import pad_columns
+from ...pow2.format import Pow2Weight
+from ._pow2 import decode_expr, heuristic_pow2
+from ._block_rows import block_rows_product
+from ._runtime import compiled, kernel_arg, placeholder, threads
+from .schedule import Schedule, check_fits, heuristic_block_rows
+
+# From this many rows of x on, the kept blocks are decoded once per call into fp32 (one
+# parallel pass writing the fp32 BSR's transposed values) for the fp32 BSR kernel,
+# instead of once per row tile in registers. Measured at 2048 x 2048, half the rows kept
+# (ms, in registers / decoded once / fp32 BSR): M = 32: 44 / 44 / 42; M = 64: 53 / 48 /
+# 46; M = 256: 106 / 69 / 71. At M = 8 the registers win by 2.5x (1.1 / 2.9 / 1.3).
+DECODE_ONCE_ROWS = 64
+
+
+def _make_forward(P: int, chunk_rows: int, e_min: int, sched: Schedule, has_bias: bool):
+    from tvm.script import tirx as T
+
+    MT, PT = sched.rows, sched.cols
+
+    @T.macro
+    def tile(x, codes, basis, off, idx, bias, out, f, m_start, rows):
+        for p0 in T.serial(P // PT):
+            acc = T.alloc_buffer((rows, PT), "float32")
+            c = T.alloc_buffer((3, PT), "float32")
+            w = T.alloc_buffer((3, PT), "float32")
+            for mt in T.unroll(rows):
+                for p in T.vectorized(PT):
+                    if has_bias:
+                        acc[mt, p] = bias[f * P + p0 * PT + p]
+                    else:
+                        acc[mt, p] = T.float32(0)
+            for b in T.serial(off[f], off[f + 1]):
+                for i in T.unroll(3):
+                    for p in T.vectorized(PT):
+                        c[i, p] = decode_expr(codes[b, i, p0 * PT + p], e_min)
+                for j in T.unroll(3):
+                    for p in T.vectorized(PT):
+                        w[j, p] = (c[0, p] * basis[f, idx[b] // chunk_rows, 0, j, p0 * PT + p]
+                                   + c[1, p] * basis[f, idx[b] // chunk_rows, 1, j, p0 * PT + p]
+                                   + c[2, p] * basis[f, idx[b] // chunk_rows, 2, j, p0 * PT + p])
+                for j in T.unroll(3):
+                    for mt in T.unroll(rows):
+                        for p in T.vectorized(PT):
+                            acc[mt, p] = acc[mt, p] + x[m_start + mt, idx[b] * 3 + j] * w[j, p]
+            for mt in T.unroll(rows):
+                for p in T.vectorized(PT):
+                    out[m_start + mt, f * P + p0 * PT + p] = acc[mt, p]
+
+    @T.prim_func
+    def forward(x_h: T.handle, codes_h: T.handle, basis_h: T.handle, off_h: T.handle, idx_h: T.handle, bias_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        M, IN_W, NNZ, NB, G, NOFF, NBIAS, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        x = T.match_buffer(x_h, (M, IN_W), "float32")
+        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
+        off = T.match_buffer(off_h, (NOFF,), "int32")
+        idx = T.match_buffer(idx_h, (NNZ,), "int32")
+        bias = T.match_buffer(bias_h, (NBIAS,), "float32")
+        out = T.match_buffer(out_h, (M, OUT_W), "float32")
+        for f in T.parallel(NOFF - 1):
+            for m0 in T.serial(M // MT):
+                tile(x, codes, basis, off, idx, bias, out, f, m0 * MT, MT)
+            for m in T.serial(M % MT):
+                tile(x, codes, basis, off, idx, bias, out, f, M - M % MT + m, 1)
+
+    return forward
+
+
+def _make_decode_blocks(P: int, chunk_rows: int, e_min: int):
+    """W's kept blocks, transposed [nnz_blocks, 3, group], rebuilt from codes and B."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def decode_blocks(codes_h: T.handle, basis_h: T.handle, rows_h: T.handle, idx_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        NNZ, NB, G = T.int32(), T.int32(), T.int32()
+        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
+        rows = T.match_buffer(rows_h, (NNZ,), "int32")
+        idx = T.match_buffer(idx_h, (NNZ,), "int32")
+        out = T.match_buffer(out_h, (NNZ, 3, P), "float32")
+        for b in T.parallel(NNZ):
+            for j in T.unroll(3):
+                for p in T.vectorized(P):
+                    out[b, j, p] = (decode_expr(codes[b, 0, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 0, j, p]
+                                    + decode_expr(codes[b, 1, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 1, j, p]
+                                    + decode_expr(codes[b, 2, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 2, j, p])
+
+    return decode_blocks
+
+
+def decoded_blocks(W: Pow2Weight) -> torch.Tensor:
+    """W's kept blocks as fp32 [nnz_blocks, 3, group] (the fp32 BSR kernel's transposed
+    values), decoded by one parallel pass over the codes."""
+    out = torch.empty(W.nnz_blocks, 3, W.group, dtype=W.basis.dtype)
+    compiled(_make_decode_blocks, W.group, W.chunk_rows, W.exp_range[0])(
+        kernel_arg(W.codes), kernel_arg(W.basis), kernel_arg(W.index.row_indices), kernel_arg(W.index.col_indices), out,
+    )
+    return out
+
+
+def pow2_linear(x: torch.Tensor, W: Pow2Weight, bias: torch.Tensor | None = None, schedule: Schedule | None = None) -> torch.Tensor:
+    n, _ = W.shape
+    P, nb = W.group, W.block_rows
+    if x.shape[0] == 0 or W.nnz_blocks == 0:
+        y = torch.zeros(x.shape[0], n, dtype=x.dtype)
+        return y + bias if bias is not None else y
+    padded_bias = pad_columns(bias[None], nb * P)[0] if bias is not None else None
+    if schedule is None and x.shape[0] >= DECODE_ONCE_ROWS:
+        sched = heuristic_block_rows(x.shape[0], P, 3, nb, threads())
+        y = block_rows_product(
+            pad_columns(x, W.block_cols * 3), decoded_blocks(W), W.index.row_offsets, W.index.col_indices, None,
+            padded_bias, nb * P, sched,
+        )
+        return y[:, :n] if y.shape[1] != n else y
+    sched = schedule or heuristic_pow2(x.shape[0], P)
+    check_fits(sched, P, None, "output")
+    fn = compiled(_make_forward, P, W.chunk_rows, W.exp_range[0], sched, bias is not None)
+    y = torch.empty(x.shape[0], nb * P, dtype=x.dtype)
+    fn(
+        kernel_arg(pad_columns(x, W.block_cols * 3)), kernel_arg(W.codes), kernel_arg(W.basis),
+        kernel_arg(W.index.row_offsets), kernel_arg(W.index.col_indices),
+        kernel_arg(padded_bias) if bias is not None else placeholder(torch.float32), y,
+    )
+    return y[:, :n] if y.shape[1] != n else y

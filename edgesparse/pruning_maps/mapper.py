@@ -1,0 +1,457 @@
+"""Choosing each layer's pruning scheme from measured latency and an accuracy proxy.
+
+Per prunable layer the candidates are dense, block shapes from 1x4 to 64x64 (square
+and rectangular, those that fit the weight) and, for a conv, block-punched blocks
+(``f`` filters x ``c`` channels over every kernel position: block (f, c·kh·kw)), each
+at the densities of ``DENSITIES`` (as the whole blocks they keep: the density stored is
+kept blocks / blocks, and an option keeping none is left out).
+
+- Latency of a candidate: the layer's forward + backward on the input it sees in the
+  model (``LayerTimer``: measured, all of a layer's candidates interleaved, medians),
+  or any ``latency(layer, candidate, density) -> seconds`` given instead (tests
+  inject one). The model's step latency is taken as the sum over its prunable layers
+  plus a part no map changes.
+- Accuracy proxy: the weight energy (sum of squares) that magnitude block pruning
+  keeps, as ``BSR.from_dense`` keeps it (the ``round(d·blocks)`` blocks of largest L2
+  norm), as a fraction of the prunable layers' total energy.
+- Search (``search``): minimise the summed latency subject to retained energy >= E, a
+  multiple-choice knapsack solved exactly by dynamic programming over the energy each
+  option loses (against its layer's most), in steps of 1/4096 of the largest keepable
+  energy, rounded up. Guarantee: the map keeps at least E (never infeasible), and no
+  map keeping at least E + L·step (L layers) is faster; so it is the exact optimum up to
+  L/4096 of the energy. (A Lagrangian relaxation was tried first: when a layer's
+  (energy, latency) points are not convex, as measured latencies often are not, it
+  missed the optimum by a whole option; see tests/pruning_maps.)
+- Rules (``derive_rules`` / ``apply_rules``): each searched layer's choice, keyed by
+  layer type, kernel size, dimensions (N, K, output positions per sample), whether
+  its input needs a gradient (a first layer skips grad-input) and depth; a layer
+  of another model takes the rule nearest in log-dimensions among those of its type and
+  kernel whose block fits it. No measuring: milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..nn.sparsify import SparseScheme
+from .pmap import PruningMap
+
+BLOCKS: Tuple[Tuple[int, int], ...] = (
+    (1, 4), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16), (16, 8), (16, 16),
+    (16, 32), (32, 16), (32, 32), (32, 64), (64, 32), (64, 64),
+)
+PUNCHED: Tuple[Tuple[int, int], ...] = ((4, 2), (8, 4), (16, 4))  # (filters, channels)
+# Fine enough that the search can meet its energy budget closely (each point costs no
+# measuring, see _TIMED_DENSITIES): with the first grid (0.02, 0.05, 0.1, 0.15, 0.2,
+# 0.3, ...) the MLP's searched map kept 0.128 of the energy for a budget of 0.110.
+DENSITIES: Tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                0.85)
+# LayerTimer measures each block candidate at these two densities and interpolates
+# linearly in between (block-sparse kernel time is an affine function of the kept
+# blocks to within the timing noise here), which halves the measuring against three points.
+_TIMED_DENSITIES = (0.1, 0.4)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A prunable layer as the mapper sees it: its weight matrix N x K (a conv's is
+    [out, in·kh·kw]), kernel size, and the input it gets in the model."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    n: int
+    k: int
+    kernel: Tuple[int, int]
+    in_shape: Tuple[int, ...]
+    out_positions: int  # output rows per sample: 1 for a linear, H_out·W_out for a conv
+    needs_input_grad: bool
+    module: nn.Module = field(compare=False, repr=False, hash=False)
+
+    def signature(self) -> tuple:
+        """What decides the layer's latency: two layers with equal signatures time alike."""
+        m = self.module
+        conv = (m.stride, m.padding, m.dilation) if self.kind == "conv" else ()
+        return (self.kind, self.n, self.k, self.kernel, self.in_shape, self.needs_input_grad, m.bias is not None, conv)
+
+    def weight2d(self) -> torch.Tensor:
+        return self.module.weight.detach().reshape(self.n, self.k)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str  # "dense", "block" or "punched"
+    block: Optional[Tuple[int, int]] = None
+
+    def label(self) -> str:
+        return "dense" if self.block is None else f"{self.kind} {self.block[0]}x{self.block[1]}"
+
+
+DENSE = Candidate("dense")
+
+
+def prunable_layers(model: nn.Module, example: torch.Tensor, include: Optional[Callable[[str], bool]] = None
+                    ) -> List[Layer]:
+    """The nn.Linear / nn.Conv2d layers of ``model`` (those ``include(name)`` accepts),
+    with the shapes of their inputs on ``example``, in call order."""
+    from ..nn.modules import _conv_unsupported
+
+    names = {id(m): n for n, m in model.named_modules()}
+    found: Dict[int, Layer] = {}
+
+    def hook(module, inputs, output):
+        name = names.get(id(module))
+        if name is None or id(module) in found or (include is not None and not include(name)):
+            return
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d):
+            if _conv_unsupported(module):
+                return
+            kh, kw = module.kernel_size
+            found[id(module)] = Layer(name, "conv", module.out_channels, module.in_channels * kh * kw, (kh, kw),
+                                      tuple(x.shape), output.shape[2] * output.shape[3], x.requires_grad, module)
+        else:
+            found[id(module)] = Layer(name, "linear", module.out_features, module.in_features, (1, 1),
+                                      tuple(x.shape), 1, x.requires_grad, module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        model(example)  # autograd on: it tells which layer inputs carry a gradient
+    finally:
+        for h in handles:
+            h.remove()
+    return list(found.values())
+
+
+def candidates(layer: Layer, blocks: Sequence[Tuple[int, int]] = BLOCKS,
+               punched: Sequence[Tuple[int, int]] = PUNCHED) -> List[Candidate]:
+    """Dense, every block of ``blocks`` no larger than the weight, and for a conv the
+    block-punched shapes whose filters and channels fit."""
+    out = [DENSE]
+    out += [Candidate("block", b) for b in blocks if b[0] <= layer.n and b[1] <= layer.k]
+    if layer.kind == "conv":
+        kh, kw = layer.kernel
+        in_channels = layer.k // (kh * kw)
+        out += [Candidate("punched", (f, c * kh * kw)) for f, c in punched if f <= layer.n and c <= in_channels
+                and Candidate("block", (f, c * kh * kw)) not in out]
+    return out
+
+
+class EnergyTable:
+    """Retained weight energy of magnitude block pruning, per layer, block and density."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = {layer.name: layer for layer in layers}
+        # Squared weights in float64, made once per layer: the squaring and the cast were
+        # most of a rule map's time (0.5 s of 0.7 s for a 2048-wide MLP).
+        self._squares = {layer.name: layer.weight2d().double().square() for layer in layers}
+        self.totals = {name: float(sq.sum()) for name, sq in self._squares.items()}
+        self._sorted: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
+
+    @property
+    def total(self) -> float:
+        return sum(self.totals.values())
+
+    def kept(self, name: str, candidate: Candidate, density: float) -> float:
+        """Sum of squares of the weights kept (all of them for dense)."""
+        if candidate.block is None:
+            return self.totals[name]
+        key = (name, candidate.block)
+        if key not in self._sorted:
+            sq = self._squares[name]
+            bn, bk = candidate.block
+            n, k = sq.shape
+            if n % bn or k % bk:  # zero-pad to whole blocks (a copy, only when needed)
+                sq = torch.nn.functional.pad(sq, (0, -k % bk, 0, -n % bn))
+            energies = sq.reshape(sq.shape[0] // bn, bn, -1, bk).sum(dim=(1, 3)).flatten()
+            self._sorted[key] = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                           energies.sort(descending=True).values.cumsum(0)])
+        cumulative = self._sorted[key]
+        return float(cumulative[self.keep(name, candidate.block, density)])
+
+    def blocks(self, name: str, block: Tuple[int, int]) -> int:
+        layer = self.layers[name]
+        return -(-layer.n // block[0]) * -(-layer.k // block[1])
+
+    def keep(self, name: str, block: Tuple[int, int], density: float) -> int:
+        return math.floor(density * self.blocks(name, block) + 0.5)  # as BSR.from_dense counts
+
+
+Latency = Callable[[Layer, Candidate, float], float]
+
+
+class LayerTimer:
+    """Measured latency of a layer's forward + backward under each candidate.
+
+    ``prepare(layer, cands)`` times all of a layer's candidates interleaved (dense, and
+    each block at ``_TIMED_DENSITIES``; ``bench._median_times``); a call then reads the
+    table, interpolating in density. Layers with equal signatures share measurements.
+    """
+
+    def __init__(self, rounds: int = 3, progress: Optional[Callable[[str], None]] = None, seed: int = 0):
+        self.rounds, self.progress, self.seed = rounds, progress, seed
+        self.table: Dict[tuple, float] = {}
+
+    def prepare(self, layer: Layer, cands: Sequence[Candidate]) -> None:
+        from ..bench import _median_times
+
+        sig = layer.signature()
+        todo = [(c, d) for c in cands for d in ((1.0,) if c.block is None else _TIMED_DENSITIES)
+                if (sig, c, d) not in self.table]
+        if not todo:
+            return
+        if self.progress:
+            self.progress(f"timing {layer.name} ({layer.kind} {layer.n}x{layer.k}, input {list(layer.in_shape)}): "
+                          f"{len(todo)} variants")
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(layer.in_shape, generator=g).requires_grad_(layer.needs_input_grad)
+        dy = torch.randn(layer.module(x).shape, generator=g)
+        fns = {}
+        for c, d in todo:
+            module = layer.module if c.block is None else _sparse(layer, SparseScheme(c.block, d))
+            fns[(c, d)] = _fwd_bwd(module, x, dy)
+        for (c, d), seconds in _median_times(fns, self.rounds).items():
+            self.table[(sig, c, d)] = seconds
+
+    def __call__(self, layer: Layer, candidate: Candidate, density: float) -> float:
+        sig = layer.signature()
+        if candidate.block is None:
+            return self.table[(sig, candidate, 1.0)]
+        (d0, d1) = _TIMED_DENSITIES
+        t0, t1 = self.table[(sig, candidate, d0)], self.table[(sig, candidate, d1)]
+        # Fewer blocks never take longer: a lower reading at the higher density is noise,
+        # and left in, the search would chase it.
+        t0 = min(t0, t1)
+        return max(t0 + (t1 - t0) * (density - d0) / (d1 - d0), 0.05 * t0)
+
+
+def _sparse(layer: Layer, scheme: SparseScheme) -> nn.Module:
+    from ..nn import SparseConv2d, SparseLinear
+
+    cls = SparseConv2d if layer.kind == "conv" else SparseLinear
+    return cls.from_dense(layer.module, scheme.block, scheme.density)
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(dy)
+    return run
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    density: float
+    seconds: float
+    energy: float  # kept sum of squares
+
+    def scheme(self) -> Optional[SparseScheme]:
+        return None if self.candidate.block is None else SparseScheme(self.candidate.block, self.density)
+
+
+def options(layers: Sequence[Layer], energy: EnergyTable, latency: Latency,
+            densities: Sequence[float] = DENSITIES) -> Dict[str, List[Choice]]:
+    """Every (candidate, density) of every layer with its latency and kept energy."""
+    out = {}
+    for layer in layers:
+        cands = candidates(layer)
+        if hasattr(latency, "prepare"):
+            latency.prepare(layer, cands)
+        choices = []
+        for c in cands:
+            for d in _effective(energy, layer.name, c, densities):
+                choices.append(Choice(c, d, latency(layer, c, d), energy.kept(layer.name, c, d)))
+        out[layer.name] = choices
+    return out
+
+
+def _effective(energy: EnergyTable, name: str, candidate: Candidate, densities: Sequence[float]) -> List[float]:
+    """The densities a block can really have near ``densities``: kept blocks / blocks, at
+    least one block kept, each once (a 64x64 block of a 64 x 64 weight has only 1.0)."""
+    if candidate.block is None:
+        return [1.0]
+    total = energy.blocks(name, candidate.block)
+    keeps = sorted({energy.keep(name, candidate.block, d) for d in densities} - {0})
+    return [k / total for k in keeps]
+
+
+def search(opts: Dict[str, List[Choice]], energy_target: float, bins: int = 4096) -> Dict[str, Choice]:
+    """The map of least summed latency keeping at least ``energy_target`` (absolute sum
+    of squares): a multiple-choice knapsack solved by dynamic programming over energy
+    quantised to ``bins`` steps; see the module docstring for what it guarantees."""
+    import numpy as np
+
+    names = list(opts)
+    most = sum(max(c.energy for c in opts[n]) for n in names)
+    if energy_target > most * (1 + 1e-12):
+        raise ValueError(f"no map keeps {energy_target:.6g} of the energy: at most {most:.6g} is possible")
+    if energy_target <= 0:
+        return {n: min(opts[n], key=lambda c: c.seconds) for n in names}
+    # Knapsack over the energy *lost* (each layer's most minus what an option keeps),
+    # rounded up to whole steps: a map within the lost-energy budget keeps >= E for
+    # sure, and a layer left dense (or at full density) loses exactly nothing.
+    unit = most / bins
+    budget = int((most - energy_target) / unit * (1 + 1e-12))
+    cost = np.full(budget + 1, np.inf)
+    cost[0] = 0.0  # cost[j]: least latency of the layers so far losing exactly j steps
+    trace = []  # per layer: the option chosen for each j, and its steps
+    for name in names:
+        top = max(c.energy for c in opts[name])
+        new = np.full(budget + 1, np.inf)
+        pick = np.zeros(budget + 1, dtype=np.int64)
+        steps = [math.ceil((top - c.energy) / unit * (1 - 1e-12)) for c in opts[name]]
+        for i, (c, step) in enumerate(zip(opts[name], steps)):
+            if step > budget:
+                continue
+            cand = np.full(budget + 1, np.inf)
+            cand[step:] = cost[:budget + 1 - step] + c.seconds
+            better = cand < new
+            new[better], pick[better] = cand[better], i
+        cost = new
+        trace.append((name, pick, steps))
+    j = int(np.argmin(cost))
+    choice = {}
+    for name, pick, steps in reversed(trace):
+        i = int(pick[j])
+        choice[name] = opts[name][i]
+        j -= steps[i]
+    return {n: choice[n] for n in names}
+
+
+def uniform(layers: Sequence[Layer], energy: EnergyTable, latency: Latency, block: Tuple[int, int],
+            energy_target: float) -> Optional[Dict[str, Choice]]:
+    """Every layer at ``block`` and one density, the least that keeps ``energy_target``
+    (bisection on the density); None when the block does not fit every layer."""
+    cand = Candidate("block", block)
+    if any(block[0] > layer.n or block[1] > layer.k for layer in layers):
+        return None
+
+    def kept(d):
+        return sum(energy.kept(layer.name, cand, d) for layer in layers)
+
+    if kept(1.0) < energy_target:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if kept(mid) >= energy_target else (mid, hi)
+    if hasattr(latency, "prepare"):
+        for layer in layers:
+            latency.prepare(layer, [cand])
+    return {layer.name: Choice(cand, hi, latency(layer, cand, hi), energy.kept(layer.name, cand, hi)) for layer in layers}
+
+
+def derive_rules(layers: Sequence[Layer], choice: Dict[str, Choice]) -> List[dict]:
+    """One rule per searched layer: its type, kernel, dimensions (N, K, output positions
+    per sample), whether its input needs a gradient, its depth in the model (0 first,
+    1 last prunable layer) and the choice the search made for it.
+
+    Depth is in the rule because the search gives layers of equal shape different
+    choices to meet a global budget (the MLP's two equal hidden layers: 8x16 @ 0.01 and
+    16x8 @ 0.3); one rule per shape kept only one of them and its map fell to a tenth
+    of the energy budget."""
+    last = max(len(layers) - 1, 1)
+    rules = []
+    for i, layer in enumerate(layers):
+        c = choice[layer.name]
+        rules.append({"kind": layer.kind, "kernel": list(layer.kernel), "n": layer.n, "k": layer.k,
+                      "positions": layer.out_positions, "input_grad": layer.needs_input_grad, "depth": i / last,
+                      "candidate": c.candidate.kind, "block": list(c.candidate.block) if c.candidate.block else None,
+                      "density": c.density})
+    return rules
+
+
+def apply_rules(layers: Sequence[Layer], rules: Sequence[dict]) -> Dict[str, Optional[SparseScheme]]:
+    """Each layer's scheme from the nearest fitting rule of its type and kernel (None:
+    dense, also when no rule fits): distance in log N, log K, log positions, input
+    gradient and depth."""
+    last = max(len(layers) - 1, 1)
+
+    def distance(layer: Layer, depth: float, rule: dict) -> float:
+        return (abs(math.log(layer.n / rule["n"])) + abs(math.log(layer.k / rule["k"]))
+                + abs(math.log(layer.out_positions / rule["positions"])) + (layer.needs_input_grad != rule["input_grad"])
+                + abs(depth - rule.get("depth", depth)))
+
+    out: Dict[str, Optional[SparseScheme]] = {}
+    for i, layer in enumerate(layers):
+        fitting = [r for r in rules if r["kind"] == layer.kind and tuple(r["kernel"]) == layer.kernel
+                   and (r["block"] is None or (r["block"][0] <= layer.n and r["block"][1] <= layer.k))]
+        if not fitting:
+            out[layer.name] = None
+            continue
+        rule = min(fitting, key=lambda r: distance(layer, i / last, r))
+        out[layer.name] = SparseScheme(tuple(rule["block"]), rule["density"]) if rule["block"] else None
+    return out
+
+
+@dataclass
+class SearchResult:
+    pmap: PruningMap
+    choice: Dict[str, Choice]
+    uniforms: Dict[Tuple[int, int], Dict[str, Choice]]  # block -> uniform map at the same energy
+    energy_target: float  # fraction of the prunable layers' energy
+    seconds: float  # time the search took, measuring included
+
+
+def _fraction(choice: Dict[str, Choice], energy: EnergyTable) -> float:
+    return sum(c.energy for c in choice.values()) / energy.total
+
+
+def search_map(model: nn.Module, example: torch.Tensor, sparsity: float, target: str,
+               include: Optional[Callable[[str], bool]] = None, latency: Optional[Latency] = None,
+               reference_block: Tuple[int, int] = (16, 16), progress: Optional[Callable[[str], None]] = None
+               ) -> SearchResult:
+    """Search the map of least latency that keeps as much weight energy as every prunable
+    layer at ``reference_block`` and density ``1 - sparsity`` would (the budget), and the
+    uniform maps (one block everywhere) at the same energy to compare with."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    start = time.perf_counter()
+    layers = prunable_layers(model, example, include)
+    if not layers:
+        raise ValueError("the model has no prunable layer (nn.Linear / nn.Conv2d) that include() accepts")
+    energy = EnergyTable(layers)
+    latency = latency or LayerTimer(progress=progress)
+    ref = Candidate("block", tuple(reference_block))
+    target_abs = sum(energy.kept(layer.name, ref, 1.0 - sparsity) for layer in layers)
+    choice = search(options(layers, energy, latency), target_abs)
+    uniforms = {}
+    for block in BLOCKS:
+        u = uniform(layers, energy, latency, block, target_abs)
+        if u is not None:
+            uniforms[block] = u
+    rules = derive_rules(layers, choice)
+    pmap = PruningMap(
+        target, {name: c.scheme() for name, c in choice.items()}, None, rules,
+        info={"method": "search", "sparsity": sparsity, "reference_block": list(reference_block),
+              "energy_target": target_abs / energy.total, "retained_energy": _fraction(choice, energy),
+              "predicted_ms": 1e3 * sum(c.seconds for c in choice.values())},
+        notes={name: {"kind": c.candidate.kind, "predicted_ms": 1e3 * c.seconds,
+                      "retained_energy": c.energy / energy.totals[name]} for name, c in choice.items()},
+    )
+    return SearchResult(pmap, choice, uniforms, target_abs / energy.total, time.perf_counter() - start)
+
+
+def rule_map(model: nn.Module, example: torch.Tensor, rules: Sequence[dict], target: str,
+             include: Optional[Callable[[str], bool]] = None) -> PruningMap:
+    """The map the rules give ``model``'s prunable layers: no measuring. One sample of
+    ``example`` is enough to see the layers' shapes."""
+    layers = prunable_layers(model, example[:1], include)
+    schemes = apply_rules(layers, rules)
+    energy = EnergyTable(layers)
+    kept = sum(energy.kept(layer.name, Candidate("block", s.block) if s else DENSE, s.density if s else 1.0)
+               for layer, s in ((layer, schemes[layer.name]) for layer in layers))
+    return PruningMap(target, schemes, None, list(rules),
+                      info={"method": "rule", "retained_energy": kept / energy.total if energy.total else 1.0})
+
+
+def stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

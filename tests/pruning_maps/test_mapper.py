@@ -1,0 +1,195 @@
+"""The mapper on toy models whose right answer is known: injected latencies, retained
+energy against an independent oracle, rules reproduced and transferred."""
+
+import itertools
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from edgesparse.models import MLP
+from edgesparse.nn import SparseLinear, sparsify
+from edgesparse.pruning_maps import (
+    Candidate, EnergyTable, apply_rules, candidates, derive_rules, prunable_layers, rule_map, search, search_map,
+)
+from edgesparse.pruning_maps.mapper import DENSE, options
+from tests._oracle import masked_dense, top_blocks_mask
+
+FP = "x86_64-test-2c"
+
+
+def _equal_energy_mlp(widths):
+    """An MLP whose weights all have magnitude 1: every block of every shape holds the
+    same energy per weight, so the energy a choice keeps is its kept fraction."""
+    model = MLP(widths)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.copy_(torch.randint(0, 2, layer.weight.shape, generator=g) * 2.0 - 1.0)
+    return model
+
+
+def test_energy_table_matches_the_masked_dense_oracle():
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(37, 29))  # no block divides 29 x 37
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(29, 37, generator=g))
+    layers = prunable_layers(model, torch.randn(4, 37))
+    table = EnergyTable(layers)
+    w = model[0].weight.detach()
+    assert table.total == pytest.approx(float(w.double().pow(2).sum()))
+    for block, density in [((8, 8), 0.3), ((4, 16), 0.5), ((1, 4), 0.1), ((16, 8), 0.0), ((8, 4), 1.0)]:
+        expected = float(masked_dense(w, top_blocks_mask(w, block, density), block).pow(2).sum())
+        assert table.kept("0", Candidate("block", block), density) == pytest.approx(expected, rel=1e-12)
+    assert table.kept("0", DENSE, 1.0) == pytest.approx(table.total)
+
+
+def test_candidates_fit_the_layer_and_punch_convs():
+    model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.Flatten(), nn.Linear(12 * 4 * 4, 20))
+    layers = prunable_layers(model, torch.randn(2, 6, 4, 4))
+    conv, linear = layers
+    assert (conv.kind, conv.n, conv.k, conv.out_positions, conv.needs_input_grad) == ("conv", 12, 54, 16, False)
+    assert (linear.kind, linear.n, linear.k, linear.needs_input_grad) == ("linear", 20, 192, True)
+    for layer in layers:
+        cands = candidates(layer)
+        assert cands[0] == DENSE
+        assert all(c.block[0] <= layer.n and c.block[1] <= layer.k for c in cands[1:])
+    punched = [c.block for c in candidates(conv) if c.kind == "punched"]
+    assert punched == [(4, 18), (8, 36)]  # 16 filters do not fit 12 output channels
+    assert not any(c.kind == "punched" for c in candidates(linear))
+
+
+def _injected(fast):
+    """Latency: the block named for the layer in ``fast`` costs 1 + 10 d, any other block
+    5 + 10 d, dense 100."""
+    def latency(layer, candidate, density):
+        if candidate.block is None:
+            return 100.0
+        return (1.0 if candidate.block == fast[layer.name] else 5.0) + 10.0 * density
+    return latency
+
+
+def test_search_picks_each_layers_fast_block():
+    model = _equal_energy_mlp([64, 64, 64])
+    layers = prunable_layers(model, torch.randn(3, 64))
+    table = EnergyTable(layers)
+    latency = _injected({"layers.0": (8, 8), "layers.1": (32, 16)})
+    opts = options(layers, table, latency, densities=(0.25, 0.5))
+    choice = search(opts, 0.5 * table.total)
+    assert {n: (c.candidate.block, c.density) for n, c in choice.items()} == {
+        "layers.0": ((8, 8), 0.5), "layers.1": ((32, 16), 0.5)}
+    # 64x64 on a 64 x 64 weight is one block: "0.25" keeps none (left out), "0.5" all of it.
+    assert {c.density for c in opts["layers.0"] if c.candidate.block == (64, 64)} == {1.0}
+
+    # With every density on offer, several density splits tie; the blocks do not.
+    result = search_map(model, torch.randn(3, 64), 0.5, FP, latency=latency, reference_block=(16, 16))
+    assert result.pmap.layers["layers.0"].block == (8, 8) and result.pmap.layers["layers.1"].block == (32, 16)
+    assert result.pmap.info["retained_energy"] >= result.energy_target - 1e-12
+    best_uniform = min(sum(c.seconds for c in u.values()) for u in result.uniforms.values())
+    assert sum(c.seconds for c in result.choice.values()) < best_uniform
+
+
+def test_search_trades_density_between_layers_as_brute_force_does():
+    model = _equal_energy_mlp([64, 64, 64])
+    layers = prunable_layers(model, torch.randn(3, 64))
+    table = EnergyTable(layers)
+
+    def latency(layer, candidate, density):  # raising layers.1's density costs 10x more
+        scale = 10.0 if layer.name == "layers.0" else 100.0
+        if candidate.block is None:
+            return 2 * scale
+        return (0.0 if candidate.block == (8, 8) else 50.0) + scale * density
+
+    opts = options(layers, table, latency, densities=(0.25, 0.5, 0.75))
+    target = 0.6 * table.total
+    choice = search(opts, target)
+    # Brute force over every pair of options (the oracle): layers.0 dense, layers.1 at 8x8 @ 0.25.
+    feasible = [(a.seconds + b.seconds, a, b) for a, b in itertools.product(*opts.values())
+                if a.energy + b.energy >= target]
+    best = min(feasible, key=lambda f: f[0])
+    assert (choice["layers.0"].candidate, choice["layers.1"].candidate, choice["layers.1"].density) == (
+        DENSE, Candidate("block", (8, 8)), 0.25)
+    assert sum(c.seconds for c in choice.values()) == pytest.approx(best[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_search_is_optimal_up_to_its_quantisation(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = MLP([40, 24, 32])
+    layers = prunable_layers(model, torch.randn(2, 40))
+    table = EnergyTable(layers)
+    draws = {}
+
+    def latency(layer, candidate, density):  # arbitrary, not convex in density
+        key = (layer.name, candidate, density)
+        if key not in draws:
+            draws[key] = float(torch.rand(1, generator=g))
+        return draws[key]
+
+    opts = options(layers, table, latency, densities=(0.1, 0.3, 0.6))
+    most = sum(max(c.energy for c in cs) for cs in opts.values())
+    slack = len(opts) * most / 4096  # the guarantee: no slower than the optimum at E + L steps
+    pairs = list(itertools.product(*opts.values()))
+    for fraction in (0.2, 0.5, 0.8):
+        target = fraction * table.total
+        got = search(opts, target)
+        seconds = sum(c.seconds for c in got.values())
+        assert sum(c.energy for c in got.values()) >= target
+        brute = min(a.seconds + b.seconds for a, b in pairs if a.energy + b.energy >= target)
+        brute_tight = min(a.seconds + b.seconds for a, b in pairs if a.energy + b.energy >= target + slack)
+        assert brute - 1e-12 <= seconds <= brute_tight + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_search_is_always_feasible(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = MLP([48, 40, 32, 24])
+    layers = prunable_layers(model, torch.randn(2, 48))
+    table = EnergyTable(layers)
+    noise = {}
+
+    def latency(layer, candidate, density):
+        key = (layer.name, candidate)
+        if key not in noise:
+            noise[key] = float(torch.rand(2, generator=g).sum())
+        return noise[key] * (1.0 if candidate.block is None else density + 0.1)
+
+    opts = options(layers, table, latency)
+    for fraction in (0.1, 0.5, 0.9, 1.0):
+        choice = search(opts, fraction * table.total)
+        assert sum(c.energy for c in choice.values()) >= fraction * table.total * (1 - 1e-12)
+    with pytest.raises(ValueError, match="no map keeps"):
+        search(opts, 1.01 * table.total)
+
+
+def test_rules_reproduce_the_search_and_transfer_fast():
+    model = _equal_energy_mlp([64, 64, 64, 64])
+    example = torch.randn(3, 64)
+    layers = prunable_layers(model, example)
+    fast = {"layers.0": (8, 8), "layers.1": (32, 16), "layers.2": (32, 16)}
+    result = search_map(model, example, 0.5, FP, latency=_injected(fast))
+    rules = derive_rules(layers, result.choice)
+    assert [r["depth"] for r in rules] == [0.0, 0.5, 1.0]
+    assert apply_rules(layers, rules) == dict(result.pmap.layers)
+    # Equal layers the search treated differently keep their own choices (by depth).
+    split = {**result.choice, "layers.2": result.choice["layers.0"]}
+    mapped = apply_rules(layers, derive_rules(layers, split))
+    assert mapped["layers.1"] == result.pmap.layers["layers.1"] and mapped["layers.2"] == result.pmap.layers["layers.0"]
+
+    # A new, wider model: no measuring, nearest rule by type and dimensions.
+    new = MLP([128, 128, 128, 10])
+    start = time.perf_counter()
+    pmap = rule_map(new, torch.randn(2, 128), rules, FP)
+    assert time.perf_counter() - start < 1.0
+    assert pmap.layers["layers.0"].block == (8, 8) and pmap.layers["layers.1"].block == (32, 16)
+    assert pmap.layers["layers.2"].block in ((8, 8), (32, 16))
+    sparse = sparsify(new, pmap)
+    assert isinstance(sparse.layers[1], SparseLinear) and sparse.layers[1].block == (32, 16)
+
+
+def test_rules_skip_blocks_that_do_not_fit():
+    rules = [{"kind": "linear", "kernel": [1, 1], "n": 64, "k": 64, "positions": 1, "input_grad": True,
+              "candidate": "block", "block": [32, 32], "density": 0.2}]
+    layers = prunable_layers(MLP([16, 16, 4]), torch.randn(2, 16))
+    assert apply_rules(layers, rules) == {"layers.0": None, "layers.1": None}
