@@ -267,6 +267,7 @@ def environment_stamp() -> Dict[str, object]:
         "processor": _cpu_model(),
         "cpus": cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

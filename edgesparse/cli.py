@@ -22,7 +22,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     stamp = bench.environment_stamp()
     print(f"edgesparse bench on {stamp['processor']} ({stamp['cpus']} CPUs, torch {stamp['torch']} with "
-          f"{stamp['torch_threads']} threads, tvm {stamp['tvm']}); median of {rounds} rounds x 3 timed calls per provider", flush=True)
+          f"{stamp['torch_threads']} threads, OMP_WAIT_POLICY {stamp['omp_wait_policy']}, tvm {stamp['tvm']}); median of {rounds} rounds x 3 timed calls per provider", flush=True)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = Path(args.out or Path("results") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     try:
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None and args.command == "train" and "OMP_WAIT_POLICY" not in os.environ:
+    if argv is None and args.command in ("train", "bench") and "OMP_WAIT_POLICY" not in os.environ:
         _restart_with_passive_omp()
     return args.run(args)
 
@@ -198,8 +198,9 @@ def _restart_with_passive_omp() -> None:
     """Run the command again in a process with OMP_WAIT_POLICY=PASSIVE. OpenMP reads it
     when torch loads its runtime, before any code here runs, so it cannot be set later.
     Spinning OpenMP workers (torch's default) take the cores that TVM's workers need in
-    the next sparse product; see README for the measurement. Only for the command line:
-    main(argv) called from Python keeps its process."""
+    the next sparse product; see README for the measurement. Dense and sparse runs of a
+    command share the setting, and `bench` stamps it on its results. Only for the
+    command line: main(argv) called from Python keeps its process."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     os.execve(sys.executable, [sys.executable, "-m", "edgesparse.cli", *sys.argv[1:]], env)
 

@@ -10,6 +10,9 @@ import os
 
 # Must precede any import of triton (the interpreter flag is read from the environment).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernels are built in memory: storing each in the on-disk build cache costs ~0.7 s of
+# export per build, hundreds of builds here. tests/compiler/test_cache.py turns it on.
+os.environ.setdefault("EDGESPARSE_BUILD_CACHE", "0")
 
 import zlib  # noqa: E402
 

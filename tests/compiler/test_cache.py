@@ -10,6 +10,12 @@ import pytest
 from edgesparse.compiler import cache
 
 
+@pytest.fixture(autouse=True)
+def _cache_on(monkeypatch):
+    """The suite builds kernels in memory (conftest); these tests are about the cache."""
+    monkeypatch.setenv(cache.BUILD_CACHE_ENV, "1")
+
+
 def _add_one():
     """A tiny TVM kernel (not one of ours, so the test checks the cache alone): b = a + 1."""
     import tvm

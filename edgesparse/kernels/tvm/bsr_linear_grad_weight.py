@@ -84,14 +84,22 @@ def _make_panels(width: int, gather: bool):
         col_off = T.match_buffer(col_off_h, (NCO,), "int32")
         which = T.match_buffer(which_h, (NB,), "int32")
         W = columns(TW, NCO)
+        # Whole panels take a plain vector copy; only the last block column, cut by the
+        # matrix edge, pays for the bounds check. One guarded loop for both, its bound
+        # read through which[j], ran unvectorised: 1.6 ms against 0.14 ms for the two
+        # panels of x [256, 2048] at 32-wide blocks.
         for j in T.parallel(NB):
             for m in T.serial(M):
-                for c in T.vectorized(width):
-                    out[j, m, c] = T.if_then_else(
-                        which[j] * width + c < W,
-                        t_at(t, row_base, col_off, m, T.min(which[j] * width + c, W - 1)),
-                        T.float32(0),
-                    )
+                if which[j] * width + width <= W:
+                    for c in T.vectorized(width):
+                        out[j, m, c] = t_at(t, row_base, col_off, m, which[j] * width + c)
+                else:
+                    for c in T.serial(width):
+                        out[j, m, c] = T.if_then_else(
+                            which[j] * width + c < W,
+                            t_at(t, row_base, col_off, m, T.min(which[j] * width + c, W - 1)),
+                            T.float32(0),
+                        )
 
     return panels
 
