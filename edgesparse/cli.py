@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     t.add_argument("--buffer-batch", dest="buffer_batch", type=int, default=32, help="replay batch size (each of DER++'s two)")
     t.add_argument("--dgm-fraction", dest="dgm_fraction", type=float, default=0.2,
-                   help="share of weight-gradient blocks DGM computes (default 0.2, SparCL's)")
+                   help="share of each layer's whole weight matrix (pruned blocks included) whose gradient DGM computes, "
+                        "as in SparCL's code (default 0.2; at 90%% sparsity nothing is skipped)")
     t.add_argument("--tdm-delta", dest="tdm_delta", type=float, default=0.002,
                    help="share of all blocks TDM swaps per phase (default 0.002; SparCL's paper: 0.01)")
     t.add_argument("--lr", type=float, default=0.1)

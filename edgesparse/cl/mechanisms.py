@@ -172,17 +172,25 @@ class DataRemoval(Mechanism):
 
 
 class GradientMasking(Mechanism):
-    """SparCL's DGM through :meth:`mask_gradients` of every sparse layer: only the
-    ``fraction`` of each layer's weight-gradient blocks with the largest norm is computed,
-    the mask re-chosen every ``refresh_every`` steps. It is re-chosen at every epoch start
-    too, so that a run resumed from an (epoch-end) checkpoint masks exactly as before."""
+    """SparCL's DGM through :meth:`mask_gradients` of every sparse layer: the gradient
+    blocks with the largest norm are computed, the mask re-chosen every ``refresh_every``
+    steps. It is re-chosen at every epoch start too, so that a run resumed from an
+    (epoch-end) checkpoint masks exactly as before.
+
+    ``fraction`` is of the layer's whole weight matrix, as in SparCL's code, which zeroes
+    the entries of the masked gradient (pruned weights included, at zero) below the
+    80th percentile: a layer keeping ``density`` of its blocks computes ``fraction /
+    density`` of them, and none is skipped once ``fraction >= density`` (at 90% weight
+    sparsity SparCL's 20% removes nothing beyond the weight mask). Read as a share of
+    the kept blocks instead, 20% cost 13 points of class-IL on Split-Digits at 90%."""
 
     def __init__(self, fraction: float = 0.2, refresh_every: int = 30):
         self.fraction, self.refresh_every = fraction, refresh_every
 
     def start_epoch(self, trainer):
         for _, layer in trainer.sparse:
-            layer.mask_gradients(self.fraction, self.refresh_every, "block")
+            kept_share = self.fraction / layer.density if layer.density > 0 else 1.0
+            layer.mask_gradients(kept_share if kept_share < 1.0 else None, self.refresh_every, "block")
 
 
 class ProgressiveFreezing(Mechanism):

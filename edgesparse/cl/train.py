@@ -89,7 +89,7 @@ class RunConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 < self.dgm_fraction <= 1.0:
-            raise ValueError(f"dgm_fraction must lie in (0, 1] (share of gradient blocks computed), got {self.dgm_fraction}")
+            raise ValueError(f"dgm_fraction must lie in (0, 1] (share of the whole weight matrix whose gradient is computed), got {self.dgm_fraction}")
         for name in ("epochs", "batch_size", "buffer_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")

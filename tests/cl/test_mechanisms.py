@@ -97,6 +97,19 @@ def test_dgm_keeps_the_configured_fraction():
     assert set(kept.tolist()) == set(full.topk(4).indices.tolist())
 
 
+def test_dgm_fraction_is_of_the_whole_layer():
+    tr = _trainer(density=0.5)
+    layer = tr.sparse[0][1]
+    GradientMasking(fraction=0.25, refresh_every=5).start_epoch(tr)  # half of the kept blocks
+    _backward(tr)
+    _backward(tr)
+    kept = int((layer.values.grad.flatten(1).norm(dim=1) > 0).sum())
+    assert kept == math.ceil(0.5 * layer.nnz_blocks)
+    GradientMasking(fraction=0.5, refresh_every=5).start_epoch(tr)  # as many as the layer keeps: no masking
+    _backward(tr)
+    assert int((layer.values.grad.flatten(1).norm(dim=1) > 0).sum()) == layer.nnz_blocks
+
+
 def test_freezing_stops_backward_at_the_frozen_prefix():
     tr = _trainer()
     freeze = ProgressiveFreezing(freeze_at=(0.5, 0.75))
