@@ -41,12 +41,12 @@ GRID = (
 
 def plot(rows, path: Path) -> Path:
     """Bar chart: tuned / heuristic speed-up per kernel (temp file, then rename)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from edgesparse.bench import save_figure
 
     fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(rows)), 4.5))
     labels = [f"{r['op']} M={r['m']} {r['n']}x{r['k']} {r['block'][0]}x{r['block'][1]}" for r in rows]
@@ -55,12 +55,7 @@ def plot(rows, path: Path) -> Path:
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
     ax.set_ylabel("heuristic time / tuned time (same run)")
     ax.set_title(f"tuned against heuristic schedules, geometric mean {geomean([r['speedup'] for r in rows]):.3f}x")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:

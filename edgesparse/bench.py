@@ -363,6 +363,13 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     ax.set_ylabel("speed-up (same run)")
     ax.set_title("edgesparse block-sparse products against torch, measured in one run")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG) through a temp file and a rename, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -11,7 +11,6 @@ that promise the kernels keep.
 from __future__ import annotations
 
 import copy
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +171,8 @@ def plot(rows: Sequence[TrainingRow], path: Path) -> Path:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    from .bench import save_figure
+
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(rows)), 4.5))
     ax.bar([x - 0.2 for x in xs], [r.speedup for r in rows], 0.4, label="measured speed-up over dense")
@@ -181,9 +182,4 @@ def plot(rows: Sequence[TrainingRow], path: Path) -> Path:
     ax.set_ylabel("x dense (same run)")
     ax.set_title("edgesparse sparse modules against their dense models")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
