@@ -3,7 +3,7 @@
     .venv/bin/python bench/conv_paths.py [--rounds 7] [--breakdown]
 
 Shapes of the CIFAR-style reduced ResNet-18's 3x3 convs (stride 1, padding 1, batch 32):
-256 channels on 8x8 and 512 on 4x4, 90% of the blocks pruned, 32x32 blocks and the
+64 channels on 32x32, 128 on 16x16, 256 on 8x8 and 512 on 4x4, 90% of the blocks pruned, 32x32 blocks and the
 block-punched (8, 36). Providers, each a forward + backward with the input's gradient:
 
 - dense:  torch's nn.Conv2d holding the same masked weight
@@ -13,8 +13,7 @@ block-punched (8, 36). Providers, each a forward + backward with the input's gra
 
 Times are medians over rounds, each round running every provider in turn after a
 warm-up (edgesparse.bench._median_times), so the ratios come from the same moments of
-a shared machine. --breakdown adds the direct path's pieces, and torch's F.fold as the
-alternative to our col2im kernel.
+a shared machine. --breakdown adds the direct path's three kernels.
 """
 
 from __future__ import annotations
@@ -24,15 +23,13 @@ import sys
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import edgesparse
 from edgesparse.bench import _median_times
 from edgesparse.kernels.tvm import bsr_conv2d
-from edgesparse.kernels.tvm.bsr_linear_grad_input import grad_input_padded
 from edgesparse.nn import SparseConv2d, modules
 
-SHAPES = ((256, 8), (512, 4))  # (channels, height = width)
+SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels, height = width)
 BLOCKS = ((32, 32), (8, 36))
 BATCH, DENSITY = 32, 0.1
 GEOMETRY = ((3, 3), (1, 1), (1, 1), (1, 1))  # kernel_size, stride, padding, dilation
@@ -71,13 +68,9 @@ def providers(channels: int, size: int, block, gen: torch.Generator, breakdown: 
     if breakdown:
         W = layer.weight_bsr().with_values(layer.values.detach())
         xd = x.detach()
-        dy_rows = dy_direct.permute(0, 2, 3, 1).reshape(-1, channels)
-        d_rows = grad_input_padded(dy_rows, W)
         fns.update({
             "d.forward": lambda: bsr_conv2d.conv2d(xd, W, None, *GEOMETRY),
-            "d.grad_input_rows": lambda: grad_input_padded(dy_rows, W),
-            "d.col2im": lambda: bsr_conv2d.col2im(d_rows, xd.shape, *GEOMETRY),
-            "torch_fold": lambda: F.fold(d_rows.view(BATCH, size * size, -1).transpose(1, 2), (size, size), 3, padding=1),
+            "d.grad_input": lambda: bsr_conv2d.conv2d_grad_input(dy_direct, W, xd.shape, *GEOMETRY),
             "d.grad_weight": lambda: bsr_conv2d.conv2d_grad_weight(dy_direct, xd, W, *GEOMETRY),
         })
     return fns

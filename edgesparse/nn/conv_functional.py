@@ -8,7 +8,7 @@ conv geometry as int lists), a fake implementation, and an autograd formula whos
 backward products are custom ops too, so ``torch.compile`` traces a training step
 without a graph break:
 
-- d/dx      = col2im(dy @ W)       (grad-input kernel, then the TVM col2im gather)
+- d/dx      = col2im(dy @ W)       (one TVM kernel: the tiles of dy @ W added into dx)
 - d/dvalues = dy.T @ rows on W's pattern, the rows gathered from x, never stored;
   with a :class:`~edgesparse.nn.functional.WeightGradMask` on its blocks only
 - d/dbias   = dy summed over batch and pixels

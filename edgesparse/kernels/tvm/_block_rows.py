@@ -30,31 +30,48 @@ from .schedule import Schedule, check_fits
 from ._runtime import compiled, kernel_arg, placeholder, rows_operand
 
 
-def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool, gather: bool):
+def make_accumulate(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool, gather: bool):
+    """The register tile's work, shared by every kernel built on this walk: ``acc[mt, p]``
+    (``rows`` x ``cols``) for batch rows m_start.. and output columns i*P + p0*cols + p,
+    summed over output block row i's blocks. The caller stores it."""
     from tvm.script import tirx as T
 
-    MT, PT, UQ = sched.rows, sched.cols, sched.unroll
-    inp_shape, inp_at = rows_operand(gather)
+    PT, UQ = sched.cols, sched.unroll
+    _, inp_at = rows_operand(gather)
 
     def blk(ids, b):
         return ids[b] if indirect else b
 
     @T.macro
+    def accumulate(acc, inp, row_base, col_off, V, off, idx, ids, bias, i, p0, m_start, rows):
+        for mt in T.unroll(rows):
+            for p in T.vectorized(PT):
+                if has_bias:
+                    acc[mt, p] = bias[i * P + p0 * PT + p]
+                else:
+                    acc[mt, p] = T.float32(0)
+        for b in T.serial(off[i], off[i + 1]):
+            for q0 in T.serial(Q // UQ):
+                for q1 in T.unroll(UQ):
+                    for mt in T.unroll(rows):
+                        for p in T.vectorized(PT):
+                            acc[mt, p] = acc[mt, p] + inp_at(inp, row_base, col_off, m_start + mt, idx[b] * Q + q0 * UQ + q1) * V[blk(ids, b), q0 * UQ + q1, p0 * PT + p]
+
+    return accumulate
+
+
+def _make_block_rows(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: bool, gather: bool):
+    from tvm.script import tirx as T
+
+    MT, PT = sched.rows, sched.cols
+    inp_shape, _ = rows_operand(gather)
+    accumulate = make_accumulate(P, Q, sched, indirect, has_bias, gather)
+
+    @T.macro
     def tile(inp, row_base, col_off, V, off, idx, ids, bias, out, i, m_start, rows):
         for p0 in T.serial(P // PT):
             acc = T.alloc_buffer((rows, PT), "float32")  # 'global' scope: below 1 KiB TVM puts it on the stack
-            for mt in T.unroll(rows):
-                for p in T.vectorized(PT):
-                    if has_bias:
-                        acc[mt, p] = bias[i * P + p0 * PT + p]
-                    else:
-                        acc[mt, p] = T.float32(0)
-            for b in T.serial(off[i], off[i + 1]):
-                for q0 in T.serial(Q // UQ):
-                    for q1 in T.unroll(UQ):
-                        for mt in T.unroll(rows):
-                            for p in T.vectorized(PT):
-                                acc[mt, p] = acc[mt, p] + inp_at(inp, row_base, col_off, m_start + mt, idx[b] * Q + q0 * UQ + q1) * V[blk(ids, b), q0 * UQ + q1, p0 * PT + p]
+            accumulate(acc, inp, row_base, col_off, V, off, idx, ids, bias, i, p0, m_start, rows)
             for mt in T.unroll(rows):
                 for p in T.vectorized(PT):
                     out[m_start + mt, i * P + p0 * PT + p] = acc[mt, p]

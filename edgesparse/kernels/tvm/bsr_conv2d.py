@@ -15,17 +15,15 @@ block shape.
 - forward:      the block-row kernel reading x through the two tables (``gather``)
 - grad-weight:  the block-column panels gathered through the tables, then the
                 per-block kernel as for a linear layer
-- grad-input:   d(rows) = dy @ W by the grad-input kernel, then :func:`col2im` sums
-                each pixel's contributions (a TVM kernel, one thread per image)
+- grad-input:   dy @ W tile by tile, each tile added straight into a padded scratch
+                image at the addresses the forward read (col2im fused in; one thread
+                per image, see :func:`_make_grad_input`)
 
 Why (bench/conv_paths.py; 3x3 s1 p1, batch 32, 90% of 32x32 blocks pruned, forward +
 backward, ratios to torch's dense conv in the same run, medians): the im2col path (a
 strided view of the padded input copied into rows [B*OH*OW, C*9], then sparse_linear,
 col2im by the view's as_strided backward) spent as long in that copy and its backward as
 in the three sparse products together. Figures: SparseConv2d's docstring.
-
-col2im: a TVM kernel rather than torch's F.fold on the transposed rows: 10.5 against
-36 ms at 256 ch 8x8, 6.6 against 15 ms at 512 ch 4x4 (one thread, same run).
 
 Non-finite inputs: a padded column multiplies a real input element by a zero weight,
 so an inf there may turn an output into NaN where the dense conv keeps inf.
@@ -39,15 +37,16 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch.nn import functional as F
 
-from ...formats import BSR
-from ._runtime import compiled, kernel_arg
+from ...formats import BSR, pad_columns
+from ._block_rows import make_accumulate
+from ._runtime import compiled, kernel_arg, threads
 from .bsr_linear import bsr_linear
-from .bsr_linear_grad_input import grad_input_padded
 from .bsr_linear_grad_weight import bsr_linear_grad_weight
+from .schedule import Schedule, check_fits, heuristic_block_rows, tuned
 
 Pair = Tuple[int, int]
 
-__all__ = ["col2im", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "output_size", "unfold_tables"]
+__all__ = ["conv2d", "conv2d_grad_input", "conv2d_grad_weight", "output_size", "unfold_tables"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -128,63 +127,102 @@ def conv2d_grad_weight(
 
 
 def conv2d_grad_input(
-    dy: torch.Tensor, W: BSR, x_shape: Sequence[int], kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair
+    dy: torch.Tensor, W: BSR, x_shape: Sequence[int], kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
+    schedule: Optional[Schedule] = None,
 ) -> torch.Tensor:
-    """dL/dx [B, C, H, W] (NCHW) from dy [B, N, OH, OW]."""
-    d_rows = grad_input_padded(_rows_of(dy), W)  # [B*OH*OW, Kp]
-    return col2im(d_rows, x_shape, kernel_size, stride, padding, dilation)
-
-
-def _make_col2im(kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair):
-    from tvm.script import tirx as T
-
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-
-    @T.prim_func
-    def col2im(d_h: T.handle, dx_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        M, KP, B, C, H, W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        d = T.match_buffer(d_h, (M, KP), "float32")
-        dx = T.match_buffer(dx_h, (B, C, H, W), "float32")
-        OH = T.floordiv(H + 2 * ph - dh * (kh - 1) - 1, sh) + 1
-        OW = T.floordiv(W + 2 * pw - dw * (kw - 1) - 1, sw) + 1
-        # A thread owns whole images: no two threads add into the same pixel, so no
-        # atomics. Each row of d is read once, front to back, while the image's gradient
-        # (C*H*W floats, 64 KiB at 256 x 8 x 8) stays in cache for the scattered adds.
-        # One thread per image channel instead, gathering its taps down d's columns at
-        # a stride of C*9 floats, took 16-19 ms against 9.1 at 256 x 8 x 8 (one thread,
-        # batch 32; equal at 512 x 4 x 4).
-        for b in T.parallel(B):
-            for c in T.serial(C):
-                for ih in T.serial(H):
-                    for iw in T.serial(W):
-                        dx[b, c, ih, iw] = T.float32(0)
-            for oh in T.serial(OH):
-                for ow in T.serial(OW):
-                    for c in T.serial(C):
-                        for ky in T.unroll(kh):
-                            for kx in T.unroll(kw):
-                                if (
-                                    0 <= oh * sh - ph + ky * dh < H and 0 <= ow * sw - pw + kx * dw < W
-                                ):  # taps on the zero padding have nowhere to go
-                                    dx[b, c, oh * sh - ph + ky * dh, ow * sw - pw + kx * dw] = (
-                                        dx[b, c, oh * sh - ph + ky * dh, ow * sw - pw + kx * dw]
-                                        + d[(b * OH + oh) * OW + ow, c * (kh * kw) + ky * kw + kx]
-                                    )
-
-    return col2im
-
-
-def col2im(
-    d_rows: torch.Tensor, x_shape: Sequence[int], kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair
-) -> torch.Tensor:
-    """The adjoint of im2col: dx [B, C, H, W] with each pixel the sum of the entries of
-    d_rows [B*OH*OW, >= C*kh*kw] that unfolding copied it to (padding taps dropped)."""
-    dx = torch.empty(tuple(x_shape), dtype=d_rows.dtype)
+    """dL/dx [B, C, H, W] (NCHW) from dy [B, N, OH, OW]: see :func:`_make_grad_input`."""
+    batch, channels, height, width = (int(d) for d in x_shape)
+    dx = torch.empty(batch, channels, height, width, dtype=dy.dtype)
     if dx.numel() == 0:
         return dx
+    if W.nnz_blocks == 0 or dy.numel() == 0:
+        return dx.zero_()
+    bn, bk = W.block
+    rows = _rows_of(dy)
+    sched = schedule or tuned("grad_input", W, rows.shape[0]) or heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads())
+    check_fits(sched, bk, bn, "output")
+    (ph, pw), image = padding, (channels, height, width)
+    padded = (height + 2 * ph, width + 2 * pw)
+    out_size = output_size(height, width, kernel_size, stride, padding, dilation)
+    # The scatter tables address one padded image [C, Hp, Wp] (the kernel's scratch).
+    row_base, col_off = _tables(
+        (1, channels), (channels * padded[0] * padded[1], padded[0] * padded[1], padded[1], 1), out_size,
+        W.padded_shape[1], tuple(kernel_size), tuple(stride), tuple(dilation),
+    )
     geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
-    compiled(_make_col2im, *geometry)(kernel_arg(d_rows), dx)
+    fn = compiled(_make_grad_input, bk, bn, sched, image, geometry)
+    fn(
+        kernel_arg(pad_columns(rows, W.padded_shape[0])), kernel_arg(W.values), kernel_arg(W.col_offsets),
+        kernel_arg(W.col_order_rows), kernel_arg(W.col_order), row_base, col_off, dx,
+    )
     return dx
 
 
+def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int], geometry):
+    """dx = col2im(dy @ W) in one pass, the rows d = dy @ W never stored.
+
+    A thread owns whole images, so no two threads add into the same pixel (no atomics).
+    For each image it zeroes a padded scratch image [C, Hp, Wp] (in cache: 296 KiB at
+    64 x 32 x 32), walks its output pixels in tiles of ``rows``; for each of W's block
+    columns that holds a block, the grad-input tile (dy's rows times the column's blocks,
+    as in _block_rows.py) is added into the scratch at ``row_base[m] + col_off[k]``, the
+    address im2col read it from; then it copies the scratch's interior out to dx.
+    Block columns without a block cost nothing (layer 1 of the 90%-pruned ResNet-18
+    keeps 22% of them).
+
+    Why fused (batch 32, 90% of 32x32 blocks pruned, 2 threads): writing d [B*OH*OW,
+    C*9] and reading it back in a separate col2im took 107 ms at 64 ch 32x32 (d is 75 MB,
+    freshly page-faulted each call) against 6 ms for the forward on the same blocks.
+    """
+    from tvm.script import tirx as T
+
+    channels, height, width = image
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    hp, wp = height + 2 * ph, width + 2 * pw
+    oh = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    pixels, plane, MT, PT = oh * ow, hp * wp, sched.rows, sched.cols
+    accumulate = make_accumulate(P, Q, sched, True, False, False)
+
+    @T.macro
+    def tile(dy, row_base, col_off, V, off, idx, ids, scratch, i, m_image, m_local, rows):
+        for p0 in T.serial(P // PT):
+            acc = T.alloc_buffer((rows, PT), "float32")
+            accumulate(acc, dy, row_base, col_off, V, off, idx, ids, ids, i, p0, m_image + m_local, rows)
+            for mt in T.unroll(rows):
+                for p in T.unroll(PT):
+                    scratch[row_base[m_local + mt] + col_off[i * P + p0 * PT + p]] = (
+                        scratch[row_base[m_local + mt] + col_off[i * P + p0 * PT + p]] + acc[mt, p]
+                    )
+
+    @T.prim_func
+    def grad_input(dy_h: T.handle, V_h: T.handle, off_h: T.handle, idx_h: T.handle, ids_h: T.handle,
+                   row_base_h: T.handle, col_off_h: T.handle, dx_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        M, NP, NNZ, NOFF, KP, B = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        dy = T.match_buffer(dy_h, (M, NP), "float32")
+        V = T.match_buffer(V_h, (NNZ, Q, P), "float32")
+        off = T.match_buffer(off_h, (NOFF,), "int32")
+        idx = T.match_buffer(idx_h, (NNZ,), "int32")
+        ids = T.match_buffer(ids_h, (NNZ,), "int32")
+        row_base = T.match_buffer(row_base_h, (pixels,), "int32")
+        col_off = T.match_buffer(col_off_h, (KP,), "int32")
+        dx = T.match_buffer(dx_h, (B, channels, height, width), "float32")
+        for b in T.parallel(B):
+            scratch = T.alloc_buffer((channels * plane,), "float32")
+            for e in T.serial(channels * plane):
+                scratch[e] = T.float32(0)
+            for m0 in T.serial(pixels // MT):
+                for i in T.serial(NOFF - 1):
+                    if off[i + 1] > off[i]:
+                        tile(dy, row_base, col_off, V, off, idx, ids, scratch, i, b * pixels, m0 * MT, MT)
+            for m in T.serial(pixels % MT):
+                for i in T.serial(NOFF - 1):
+                    if off[i + 1] > off[i]:
+                        tile(dy, row_base, col_off, V, off, idx, ids, scratch, i, b * pixels, pixels - pixels % MT + m, 1)
+            for c in T.serial(channels):
+                for ih in T.serial(height):
+                    for iw in T.serial(width):
+                        dx[b, c, ih, iw] = scratch[c * plane + (ih + ph) * wp + iw + pw]
+
+    return grad_input

@@ -12,19 +12,13 @@ from .schedule import Schedule, heuristic_block_rows, tuned
 
 
 def bsr_linear_grad_input(dy: torch.Tensor, W: BSR, schedule: Schedule | None = None) -> torch.Tensor:
-    _, k = W.shape
-    dx = grad_input_padded(dy, W, schedule)
-    return dx[:, :k] if dx.shape[1] != k else dx
-
-
-def grad_input_padded(dy: torch.Tensor, W: BSR, schedule: Schedule | None = None) -> torch.Tensor:
-    """dy @ W [M, Kp], padded to whole block columns (the columns past K hold zeros): the
-    conv's col2im reads it at this row stride rather than have it cut and copied."""
     bn, bk = W.block
+    _, k = W.shape
     if dy.shape[0] == 0 or W.nnz_blocks == 0:
-        return torch.zeros(dy.shape[0], W.padded_shape[1], dtype=dy.dtype)
+        return torch.zeros(dy.shape[0], k, dtype=dy.dtype)
     sched = schedule or tuned("grad_input", W, dy.shape[0]) or heuristic_block_rows(dy.shape[0], bk, bn, W.block_cols, threads())
-    return block_rows_product(
+    dx = block_rows_product(
         pad_columns(dy, W.padded_shape[0]), W.values, W.col_offsets, W.col_order_rows, W.col_order, None,
         W.padded_shape[1], sched,
     )
+    return dx[:, :k] if dx.shape[1] != k else dx

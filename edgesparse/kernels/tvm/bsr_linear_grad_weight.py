@@ -27,6 +27,15 @@ from ._runtime import cached_on, compiled, kernel_arg, placeholder, rows_operand
 from .schedule import Schedule, check_fits, heuristic_grad_weight, tuned
 
 
+# Rows of the panels walked per pass over a block's register tiles. Each of the block's
+# (bn / rows) x (bk / cols) tiles walks the batch; walked whole, a 32 x 32 block of a
+# conv at batch 32 on 32x32 pixels re-read its two 4 MiB panels from memory 16 times and
+# ran at 13 GFLOP/s a thread. 256 rows of two 32-wide panels (64 KiB) stay in L2 across
+# the tiles: layer 1 of the 90%-pruned ResNet-18 (64 ch, M = 32768) went from 10.1 to
+# 4.5 ms (2 threads), and M = 256 (one chunk) is unchanged.
+CHUNK_ROWS = 256
+
+
 def _make_grad_weight(bn: int, bk: int, sched: Schedule):
     from tvm.script import tirx as T
 
@@ -38,6 +47,23 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule):
             for c in T.vectorized(CT):
                 acc[rt, c] = acc[rt, c] + dy[row, m, r0 * RT + rt] * x[col, m, c0 * CT + c]
 
+    @T.macro
+    def chunk(dy, x, out, row, col, b, m_start, length):
+        for r0 in T.serial(bn // RT):
+            for c0 in T.serial(bk // CT):
+                acc = T.alloc_buffer((RT, CT), "float32")
+                for rt in T.unroll(RT):
+                    for c in T.vectorized(CT):
+                        acc[rt, c] = out[b, r0 * RT + rt, c0 * CT + c]
+                for m0 in T.serial(length // UM):
+                    for m1 in T.unroll(UM):
+                        accumulate(dy, x, acc, row, col, r0, c0, m_start + m0 * UM + m1)
+                for m in T.serial(length % UM):
+                    accumulate(dy, x, acc, row, col, r0, c0, m_start + length - length % UM + m)
+                for rt in T.unroll(RT):
+                    for c in T.vectorized(CT):
+                        out[b, r0 * RT + rt, c0 * CT + c] = acc[rt, c]
+
     @T.prim_func
     def grad_weight(dy_h: T.handle, x_h: T.handle, rows_h: T.handle, cols_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
@@ -48,20 +74,12 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule):
         block_col = T.match_buffer(cols_h, (NNZ,), "int32")
         out = T.match_buffer(out_h, (NNZ, bn, bk), "float32")
         for b in T.parallel(NNZ):
-            for r0 in T.serial(bn // RT):
-                for c0 in T.serial(bk // CT):
-                    acc = T.alloc_buffer((RT, CT), "float32")
-                    for rt in T.unroll(RT):
-                        for c in T.vectorized(CT):
-                            acc[rt, c] = T.float32(0)
-                    for m0 in T.serial(M // UM):
-                        for m1 in T.unroll(UM):
-                            accumulate(dy, x, acc, block_row[b], block_col[b], r0, c0, m0 * UM + m1)
-                    for m in T.serial(M % UM):
-                        accumulate(dy, x, acc, block_row[b], block_col[b], r0, c0, M - M % UM + m)
-                    for rt in T.unroll(RT):
-                        for c in T.vectorized(CT):
-                            out[b, r0 * RT + rt, c0 * CT + c] = acc[rt, c]
+            for r in T.serial(bn):
+                for c in T.vectorized(bk):
+                    out[b, r, c] = T.float32(0)
+            for mc in T.serial(M // CHUNK_ROWS):
+                chunk(dy, x, out, block_row[b], block_col[b], b, mc * CHUNK_ROWS, CHUNK_ROWS)
+            chunk(dy, x, out, block_row[b], block_col[b], b, M - M % CHUNK_ROWS, M % CHUNK_ROWS)
 
     return grad_weight
 
