@@ -119,14 +119,14 @@ def build(problem: Problem, schedule: Schedule, target: Optional[Target] = None)
     elif problem.op == "grad_input":
         func = _make_block_rows(bk, bn, schedule, True, False, False)
     else:
-        func = _make_grad_weight(bn, bk, schedule)
+        func = _make_grad_weight(bn, bk, schedule, False)
     return tvm.compile(tvm.IRModule({"main": func}), target=(target or Target.detect()).tvm_target())
 
 
 def kernel_args(problem: Problem, seed: int = 0) -> List:
     """The kernel's arguments for a random weight of ``problem``'s shape and density, as
-    numpy arrays, laid out exactly as the torch wrappers pass them."""
-    from ..kernels.tvm.bsr_linear_grad_weight import _panels
+    numpy arrays (and ints), laid out exactly as the torch wrappers pass them."""
+    from ..kernels.tvm._runtime import threads
 
     g = torch.Generator().manual_seed(seed)
     W = BSR.from_dense(torch.randn(problem.n, problem.k, generator=g), problem.block, density=problem.density)
@@ -141,10 +141,10 @@ def kernel_args(problem: Problem, seed: int = 0) -> List:
         args = [pad_columns(dy, np_), i32, i32, W.values, W.col_offsets, W.col_order_rows, W.col_order, f32,
                 torch.empty(problem.m, kp)]
     else:
-        bn, bk = problem.block
-        args = [_panels(dy, W.block_rows, bn), _panels(x, W.block_cols, bk), W.row_indices, W.col_indices,
-                torch.empty_like(W.values)]
-    return [a.contiguous().numpy() for a in args]
+        # Padded to whole blocks, as the wrapper pads them for the schedules that read in place.
+        args = [pad_columns(dy, np_), pad_columns(x, kp), i32, i32, W.row_indices, W.col_indices,
+                torch.empty_like(W.values), min(threads(), W.nnz_blocks)]
+    return [a.contiguous().numpy() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 class LocalRunner:
@@ -163,7 +163,7 @@ class LocalRunner:
     def tensors(self, arrays):
         import tvm
 
-        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+        return [tvm.runtime.tensor(a, self.device) if hasattr(a, "shape") else a for a in arrays]
 
 
 class RPCRunner:
@@ -194,7 +194,7 @@ class RPCRunner:
     def tensors(self, arrays):
         import tvm
 
-        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+        return [tvm.runtime.tensor(a, self.device) if hasattr(a, "shape") else a for a in arrays]
 
 
 class _Progress:

@@ -207,17 +207,17 @@ def allocation_peak(fn) -> int:
     return peak
 
 
-def test_weight_gradient_extra_peak_memory_is_the_nonzero_storage(gen):
+@pytest.mark.parametrize("block", [BLOCK, (32, 32)], ids=["4x4-read-in-place", "32x32-copied-in-chunks"])
+def test_weight_gradient_extra_peak_memory_is_the_nonzero_storage(gen, block):
     # A frozen input, no bias: the backward computes the weight gradient only. Half the
-    # blocks kept, so a dense N x K gradient would need 2x the nonzero storage.
-    # Measured on tvm, the CPU fast path: 1.06x here. Its repacking of dy and x into
-    # panels costs M x (N + K) floats on top, which grows with the batch, not the weight:
-    # N = K = 2048, M = 256, 32x32 blocks at 10% measured 3.5x (1x the gradient + 2.5x
-    # panels). The reference backend gathers [M, blocks, bn] copies of its operands
-    # (4.0x here); it is the oracle, not the path this bound is for.
+    # blocks kept, so a dense N x K gradient would need 2x the nonzero storage. A batch
+    # of 256: the TVM kernel reads dy and x in place or copies 256-row chunks into
+    # per-thread buffers, so nothing grows with the batch (an earlier version packed
+    # M x (N + K) panels: 4x the nonzeros here). The reference backend gathers
+    # [M, blocks, bn] copies of its operands; it is the oracle, not the path this bound is for.
     n = k = 256
-    layer = SparseLinear(k, n, BLOCK, 0.5, bias=False)
-    x, dy = randn((4, k), gen), randn((4, n), gen)
+    layer = SparseLinear(k, n, block, 0.5, bias=False)
+    x, dy = randn((256, k), gen), randn((256, n), gen)
     nonzero_bytes = layer.values.numel() * layer.values.element_size()
     with edgesparse.use_backend("tvm"):
         layer(x).backward(dy)  # builds the kernels outside the measurement

@@ -4,51 +4,97 @@
 
 Threads split the nonzero blocks; the register tile is ``rows`` rows of the block by
 ``cols`` of its columns, vectorised over the columns, with dy broadcast. The dense
-N x K gradient is never formed.
+N x K gradient is never formed, and nothing the size of the batch is allocated: each
+thread copies 256-row chunks of its block's slices of dy and x into two small buffers
+(or reads them in place when the block is one register tile), so the extra memory is
+the gradient itself at any batch (tests/nn/test_functional.py measures it).
 
-dy and x are first repacked into block-column panels [blocks, M, width] so that the
-walk down the batch reads consecutive memory. Read in place, consecutive rows are
-N*4 bytes apart (8 KiB for N = 2048): every row of a 32-wide slab falls into the same
-L1 sets, and the kernel ran at 9 GFLOP/s; the two copies cost about a tenth of the
-kernel time.
-
-Only the block rows and columns that hold a kept block are packed (``_used``): a
-convolution's weight matrix has 9x more columns than rows, so at 10% of 32x32 blocks on
-256 x 2304 (8 block rows) 43% of the block columns are empty, and their panels (the
-unfolded input, 19 MB at batch 32 on 8x8) were written for nothing.
+An earlier version packed whole block-column panels [blocks, M, width] of dy and x
+first: M x (N + K) floats, 3.5x the nonzeros at M = 256 for 2048 x 2048 at 10%, and
+for a convolution's unfolded input tens of MB, freshly page-faulted on every call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...formats import BSR
-from ._runtime import cached_on, compiled, kernel_arg, placeholder, rows_operand
+from ...formats import BSR, pad_columns
+from ._runtime import compiled, kernel_arg, placeholder, rows_operand, threads
 from .schedule import Schedule, check_fits, heuristic_grad_weight, tuned
 
 
-# Rows of the panels walked per pass over a block's register tiles. Each of the block's
-# (bn / rows) x (bk / cols) tiles walks the batch; walked whole, a 32 x 32 block of a
-# conv at batch 32 on 32x32 pixels re-read its two 4 MiB panels from memory 16 times and
-# ran at 13 GFLOP/s a thread. 256 rows of two 32-wide panels (64 KiB) stay in L2 across
-# the tiles: layer 1 of the 90%-pruned ResNet-18 (64 ch, M = 32768) went from 10.1 to
-# 4.5 ms (2 threads), and M = 256 (one chunk) is unchanged.
+# Rows of dy and x copied per pass. Each of a block's (bn / rows) x (bk / cols) register
+# tiles walks the batch: walked whole, a 32 x 32 block of a conv at batch 32 on 32x32
+# pixels re-read 4 MiB of each operand 16 times and ran at 13 GFLOP/s a thread. 256
+# rows of two 32-wide slices (64 KiB) stay in L2 across the tiles: 10.1 -> 4.5 ms for
+# layer 1 of the 90%-pruned ResNet-18 (64 ch, M = 32768, 2 threads).
 CHUNK_ROWS = 256
 
 
-def _make_grad_weight(bn: int, bk: int, sched: Schedule):
+def _reads_in_place(bn: int, bk: int, sched: Schedule, gather: bool) -> bool:
+    """Whether the kernel reads dy and x where they lie instead of copying chunks: when the
+    block is a single register tile, each row is read once per block and a copy buys no
+    reuse. At 8 x 8 blocks, 10% of 2048 x 2048, M = 256: 3.7 ms in place against 7.1 ms
+    copying (2 threads). A convolution's gathered x is always copied (its padded columns
+    read real pixels, which the copy zeroes)."""
+    return sched.rows == bn and sched.cols == bk and not gather
+
+
+def _make_grad_weight(bn: int, bk: int, sched: Schedule, gather: bool):
     from tvm.script import tirx as T
 
     RT, CT, UM = sched.rows, sched.cols, sched.unroll
+    x_shape, x_at = rows_operand(gather)
+    in_place = _reads_in_place(bn, bk, sched, gather)
+
+    def x_width(width, n_col_off):  # gathered: one table entry per column
+        return n_col_off if gather else width
+
+    if in_place:  # the wrapper padded dy and x to whole blocks
+        def dy_at(dy, dyc, row, m_start, m, r):
+            return dy[m_start + m, row * bn + r]
+
+        def xs_at(x, row_base, col_off, xc, col, m_start, m, c):
+            return x[m_start + m, col * bk + c]
+    else:
+        def dy_at(dy, dyc, row, m_start, m, r):
+            return dyc[m, r]
+
+        def xs_at(x, row_base, col_off, xc, col, m_start, m, c):
+            return xc[m, c]
 
     @T.macro
-    def accumulate(dy, x, acc, row, col, r0, c0, m):
+    def copy_chunk(dy, x, row_base, col_off, dyc, xc, row, col, N, K, m_start, length):
+        """dy's and x's rows m_start.. sliced to the block's columns, zero past the matrix
+        edge: consecutive in memory, where in place consecutive rows are N*4 bytes apart
+        (8 KiB at N = 2048, every row in the same L1 sets: 9 GFLOP/s)."""
+        for m in T.serial(length):
+            if row * bn + bn <= N:
+                for r in T.vectorized(bn):
+                    dyc[m, r] = dy[m_start + m, row * bn + r]
+            else:
+                for r in T.serial(bn):
+                    dyc[m, r] = T.if_then_else(row * bn + r < N, dy[m_start + m, T.min(row * bn + r, N - 1)], T.float32(0))
+            if col * bk + bk <= K:
+                for c in T.vectorized(bk):
+                    xc[m, c] = x_at(x, row_base, col_off, m_start + m, col * bk + c)
+            else:
+                for c in T.serial(bk):
+                    xc[m, c] = T.if_then_else(
+                        col * bk + c < K, x_at(x, row_base, col_off, m_start + m, T.min(col * bk + c, K - 1)), T.float32(0)
+                    )
+
+    @T.macro
+    def accumulate(dy, x, row_base, col_off, dyc, xc, row, col, acc, r0, c0, m_start, m):
         for rt in T.unroll(RT):
             for c in T.vectorized(CT):
-                acc[rt, c] = acc[rt, c] + dy[row, m, r0 * RT + rt] * x[col, m, c0 * CT + c]
+                acc[rt, c] = acc[rt, c] + dy_at(dy, dyc, row, m_start, m, r0 * RT + rt) * xs_at(
+                    x, row_base, col_off, xc, col, m_start, m, c0 * CT + c)
 
     @T.macro
-    def chunk(dy, x, out, row, col, b, m_start, length):
+    def chunk(dy, x, row_base, col_off, dyc, xc, out, b, row, col, N, K, m_start, length):
+        if not in_place:
+            copy_chunk(dy, x, row_base, col_off, dyc, xc, row, col, N, K, m_start, length)
         for r0 in T.serial(bn // RT):
             for c0 in T.serial(bk // CT):
                 acc = T.alloc_buffer((RT, CT), "float32")
@@ -57,98 +103,43 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule):
                         acc[rt, c] = out[b, r0 * RT + rt, c0 * CT + c]
                 for m0 in T.serial(length // UM):
                     for m1 in T.unroll(UM):
-                        accumulate(dy, x, acc, row, col, r0, c0, m_start + m0 * UM + m1)
+                        accumulate(dy, x, row_base, col_off, dyc, xc, row, col, acc, r0, c0, m_start, m0 * UM + m1)
                 for m in T.serial(length % UM):
-                    accumulate(dy, x, acc, row, col, r0, c0, m_start + length - length % UM + m)
+                    accumulate(dy, x, row_base, col_off, dyc, xc, row, col, acc, r0, c0, m_start, length - length % UM + m)
                 for rt in T.unroll(RT):
                     for c in T.vectorized(CT):
                         out[b, r0 * RT + rt, c0 * CT + c] = acc[rt, c]
 
     @T.prim_func
-    def grad_weight(dy_h: T.handle, x_h: T.handle, rows_h: T.handle, cols_h: T.handle, out_h: T.handle):
+    def grad_weight(dy_h: T.handle, x_h: T.handle, row_base_h: T.handle, col_off_h: T.handle,
+                    rows_h: T.handle, cols_h: T.handle, out_h: T.handle, NT: T.int32):
         T.func_attr({"tir.noalias": True})
-        M, NB, KB, NNZ = T.int32(), T.int32(), T.int32(), T.int32()
-        dy = T.match_buffer(dy_h, (NB, M, bn), "float32")
-        x = T.match_buffer(x_h, (KB, M, bk), "float32")
+        M, N, XW, FLAT, NRB, NCO, NNZ = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        dy = T.match_buffer(dy_h, (M, N), "float32")
+        x = T.match_buffer(x_h, x_shape(M, XW, FLAT), "float32")
+        row_base = T.match_buffer(row_base_h, (NRB,), "int32")
+        col_off = T.match_buffer(col_off_h, (NCO,), "int32")
         block_row = T.match_buffer(rows_h, (NNZ,), "int32")
         block_col = T.match_buffer(cols_h, (NNZ,), "int32")
         out = T.match_buffer(out_h, (NNZ, bn, bk), "float32")
-        for b in T.parallel(NNZ):
-            for r in T.serial(bn):
-                for c in T.vectorized(bk):
-                    out[b, r, c] = T.float32(0)
-            for mc in T.serial(M // CHUNK_ROWS):
-                chunk(dy, x, out, block_row[b], block_col[b], b, mc * CHUNK_ROWS, CHUNK_ROWS)
-            chunk(dy, x, out, block_row[b], block_col[b], b, M - M % CHUNK_ROWS, M % CHUNK_ROWS)
+        K = x_width(XW, NCO)
+        # Threads split the blocks, in NT equal runs as TVM's own parallel loop would, so
+        # that the chunk buffers are allocated once per thread, not once per block
+        # (8 x 8 blocks, 10% of 2048 x 2048, copying: 9.4 against 7.1 ms). Each copies
+        # its blocks' chunks itself: a block row's dy slice is copied once per block of
+        # the row, ~3% of the block's FMAs at 32 x 32.
+        for t in T.parallel(NT):
+            dyc = T.alloc_buffer((CHUNK_ROWS if not in_place else 1, bn), "float32")
+            xc = T.alloc_buffer((CHUNK_ROWS if not in_place else 1, bk), "float32")
+            for b in T.serial(t * NNZ // NT, (t + 1) * NNZ // NT):
+                for r in T.serial(bn):
+                    for c in T.vectorized(bk):
+                        out[b, r, c] = T.float32(0)
+                for mc in T.serial(M // CHUNK_ROWS):
+                    chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, mc * CHUNK_ROWS, CHUNK_ROWS)
+                chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, M - M % CHUNK_ROWS, M % CHUNK_ROWS)
 
     return grad_weight
-
-
-def _make_panels(width: int, gather: bool):
-    from tvm.script import tirx as T
-
-    t_shape, t_at = rows_operand(gather)
-
-    def columns(t_width, n_col_off):  # gathered: one table entry per column
-        return n_col_off if gather else t_width
-
-    @T.prim_func
-    def panels(t_h: T.handle, row_base_h: T.handle, col_off_h: T.handle, which_h: T.handle, out_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        M, TW, NB, FLAT, NRB, NCO = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        out = T.match_buffer(out_h, (NB, M, width), "float32")
-        t = T.match_buffer(t_h, t_shape(M, TW, FLAT), "float32")
-        row_base = T.match_buffer(row_base_h, (NRB,), "int32")
-        col_off = T.match_buffer(col_off_h, (NCO,), "int32")
-        which = T.match_buffer(which_h, (NB,), "int32")
-        W = columns(TW, NCO)
-        # Whole panels take a plain vector copy; only the last block column, cut by the
-        # matrix edge, pays for the bounds check. One guarded loop for both, its bound
-        # read through which[j], ran unvectorised: 1.6 ms against 0.14 ms for the two
-        # panels of x [256, 2048] at 32-wide blocks.
-        for j in T.parallel(NB):
-            for m in T.serial(M):
-                if which[j] * width + width <= W:
-                    for c in T.vectorized(width):
-                        out[j, m, c] = t_at(t, row_base, col_off, m, which[j] * width + c)
-                else:
-                    for c in T.serial(width):
-                        out[j, m, c] = T.if_then_else(
-                            which[j] * width + c < W,
-                            t_at(t, row_base, col_off, m, T.min(which[j] * width + c, W - 1)),
-                            T.float32(0),
-                        )
-
-    return panels
-
-
-def _panels(t: torch.Tensor, blocks: int, width: int, gather=None, which: torch.Tensor | None = None) -> torch.Tensor:
-    """t [M, w] as [blocks, M, width]: one contiguous, zero-padded panel per block column;
-    with ``which`` (int32), only those block columns, as [len(which), M, width].
-
-    A TVM kernel rather than torch's permute-and-copy, which runs on one thread: at
-    M = 256 and 2048 columns the two copies took a quarter of grad-weight's time.
-
-    ``gather``: (row_base [M], col_off [w]) when t is a flat image whose unfolded rows
-    are read through these tables (``rows_operand``): a convolution's implicit im2col.
-    """
-    row_base, col_off = gather if gather is not None else (placeholder(torch.int32), placeholder(torch.int32))
-    which = torch.arange(blocks, dtype=torch.int32) if which is None else which
-    out = torch.empty(which.shape[0], t.shape[0] if gather is None else row_base.shape[0], width, dtype=t.dtype)
-    fn = compiled(_make_panels, width, gather is not None)
-    fn(kernel_arg(t), kernel_arg(row_base), kernel_arg(col_off), kernel_arg(which), out)
-    return out
-
-
-def _used(block_indices: torch.Tensor):
-    """(the distinct block indices, sorted; each entry's position among them), int32:
-    which panels to pack, and where each kept block finds its panel. Kept with the index."""
-
-    def derive(indices):
-        used, position = torch.unique(indices, return_inverse=True)
-        return used.to(torch.int32), position.to(torch.int32)
-
-    return cached_on(block_indices, "tvm_used_panels", derive)
 
 
 def bsr_linear_grad_weight(
@@ -166,7 +157,10 @@ def bsr_linear_grad_weight(
     if W.nnz_blocks == 0 or dy.shape[0] == 0:
         return torch.zeros_like(W.values)
     out = torch.empty_like(W.values)
-    fn = compiled(_make_grad_weight, bn, bk, sched)
-    (rows, row_panel), (cols, col_panel) = _used(W.row_indices), _used(W.col_indices)
-    fn(_panels(dy, W.block_rows, bn, which=rows), _panels(x, W.block_cols, bk, gather, cols), row_panel, col_panel, out)
+    row_base, col_off = gather if gather is not None else (placeholder(torch.int32), placeholder(torch.int32))
+    if _reads_in_place(bn, bk, sched, gather is not None):
+        dy, x = pad_columns(dy, W.padded_shape[0]), pad_columns(x, W.padded_shape[1])
+    fn = compiled(_make_grad_weight, bn, bk, sched, gather is not None)
+    fn(kernel_arg(dy), kernel_arg(x), kernel_arg(row_base), kernel_arg(col_off), kernel_arg(W.row_indices),
+       kernel_arg(W.col_indices), out, min(threads(), W.nnz_blocks))
     return out

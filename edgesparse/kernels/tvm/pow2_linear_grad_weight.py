@@ -10,7 +10,7 @@ over the batch in registers (one vector of output rows per 3 accumulators; the w
 group wide, so 3·group/lanes independent sums hide the FMA latency), then turned into
 dC and added into dB, with C decoded in registers. dW itself is never stored.
 
-dy and x are first repacked into panels (the grad-weight BSR kernel's TVM copy): dy
+dy and x are first repacked into panels (a TVM copy, :func:`_panels`): dy
 [NB, M, group] and x [R, M, 3], so that the walk down the batch reads consecutive
 memory instead of rows N·4 and K·4 bytes apart.
 """
@@ -22,7 +22,37 @@ import torch
 from ...pow2.format import Pow2Weight
 from ._pow2 import decode_expr
 from ._runtime import compiled, kernel_arg
-from .bsr_linear_grad_weight import _panels
+
+
+def _make_panels(width: int):
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def panels(t_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        M, TW, NB = T.int32(), T.int32(), T.int32()
+        t = T.match_buffer(t_h, (M, TW), "float32")
+        out = T.match_buffer(out_h, (NB, M, width), "float32")
+        # Whole panels take a plain vector copy; only the last, cut by the matrix edge,
+        # pays for the bounds check (one guarded loop for both ran unvectorised).
+        for j in T.parallel(NB):
+            for m in T.serial(M):
+                if j * width + width <= TW:
+                    for c in T.vectorized(width):
+                        out[j, m, c] = t[m, j * width + c]
+                else:
+                    for c in T.serial(width):
+                        out[j, m, c] = T.if_then_else(j * width + c < TW, t[m, T.min(j * width + c, TW - 1)], T.float32(0))
+
+    return panels
+
+
+def _panels(t: torch.Tensor, blocks: int, width: int) -> torch.Tensor:
+    """t [M, w] as [blocks, M, width]: one contiguous, zero-padded panel per block column
+    (a TVM kernel rather than torch's permute-and-copy, which runs on one thread)."""
+    out = torch.empty(blocks, t.shape[0], width, dtype=t.dtype)
+    compiled(_make_panels, width)(kernel_arg(t), out)
+    return out
 
 
 def _make_grad_weight(P: int, chunk_rows: int, e_min: int):
