@@ -127,7 +127,7 @@ def _train_settings(args: argparse.Namespace) -> dict:
         settings[key] = (quick if args.quick else full) if value is None else value
     settings["hidden"] = tuple(settings["hidden"])
     settings["block"] = tuple(settings["block"]) if len(settings["block"]) == 2 else (settings["block"][0],) * 2
-    for key in ("strategy", "lr", "seed", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
+    for key in ("strategy", "lr", "momentum", "seed", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
         settings[key] = getattr(args, key)
     return settings
 
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tdm-delta", dest="tdm_delta", type=float, default=0.002,
                    help="share of all blocks TDM swaps per phase (default 0.002; SparCL's paper: 0.01)")
     t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum, both runs (default 0)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
