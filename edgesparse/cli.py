@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as in SparCL's code (default 0.2; at 90%% sparsity nothing is skipped)")
     t.add_argument("--tdm-delta", dest="tdm_delta", type=float, default=0.002,
                    help="share of all blocks TDM swaps per phase (default 0.002; SparCL's paper: 0.01)")
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum, both runs (default 0)")
+    t.add_argument("--lr", type=float, default=0.06, help="SGD learning rate, both runs (default 0.06)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, both runs (default 0.9)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",

@@ -72,8 +72,13 @@ class RunConfig:
     sieve: bool = False  # SpFDE circular data sieving
     epochs: int = 5  # per task
     batch_size: int = 32
-    lr: float = 0.1  # SGD; on Split-MNIST1D (DER++, 3 epochs) 0.1 gave 44% class-IL where 0.03 gave 27%
-    momentum: float = 0.0
+    # SGD with momentum. Class-IL % on the default run (Split-MNIST1D, 5 epochs, seed 0),
+    # SparCL / dense: plain SGD lr 0.1: 46.3 / 54.5; momentum 0.9 with lr 0.03: 52.4 /
+    # 59.3, 0.045: 57.0 / 58.8, 0.06: 57.8 / 57.4 (seed 1: 58.4 / 57.7), 0.08: 57.1 / 55.4.
+    # The 10%-dense model wants the larger step, dense the smaller; 0.06 is the best
+    # shared one for the sparse run, and dense's own best (0.03) is 1.5 points above it.
+    lr: float = 0.06
+    momentum: float = 0.9
     seed: int = 0
 
     def __post_init__(self):
@@ -88,6 +93,8 @@ class RunConfig:
             raise ValueError("tdm and rigl both rewrite the mask: choose one")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if not 0.0 < self.dgm_fraction <= 1.0:
             raise ValueError(f"dgm_fraction must lie in (0, 1] (share of the whole weight matrix whose gradient is computed), got {self.dgm_fraction}")
         for name in ("epochs", "batch_size", "buffer_batch"):

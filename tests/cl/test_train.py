@@ -72,6 +72,8 @@ def test_config_errors_are_named():
         RunConfig(sparsity=0.9, dgm=True, dgm_fraction=0.0)
     with pytest.raises(ValueError, match="lr"):
         RunConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        RunConfig(momentum=1.0)
 
 
 def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
