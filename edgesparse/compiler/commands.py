@@ -123,8 +123,12 @@ def _map(args: argparse.Namespace) -> int:
         pmap.info["seconds"] = time.perf_counter() - start
         pmap.info["sparsity"] = args.sparsity
     else:
-        result = search_map(model, example, args.sparsity, fingerprint, include, progress=stderr_progress,
-                            reference_block=args.reference_block)
+        try:
+            result = search_map(model, example, args.sparsity, fingerprint, include, progress=stderr_progress,
+                                reference_block=args.reference_block, layer_floor=args.layer_floor)
+        except ValueError as err:
+            print(f"edgesparse map: {err}", file=sys.stderr)
+            return 2
         pmap = result.pmap
         pmap.info["seconds"] = result.seconds
         pmap.save(rules_path)
@@ -225,6 +229,9 @@ def add_commands(sub) -> None:
     m.add_argument("--rules-from", type=Path, default=None,
                    help="rule method: a searched map whose rules to apply (default: the last search's, in the cache dir)")
     m.add_argument("--reference-block", type=_block, default=(16, 16), help="block of the energy budget (default 16x16)")
+    m.add_argument("--layer-floor", dest="layer_floor", type=float, default=0.0, metavar="F",
+                   help="search: every layer keeps at least F x the budget's fraction of its own weight energy "
+                        "(default 0: the global budget only, which may leave some layers nearly empty)")
     m.add_argument("--widths", default="2048,2048,2048,2048,10", help="mlp: layer widths (default 2048,...,10)")
     m.add_argument("--width", type=int, default=20, help="resnet18: base width (default 20, the reduced ResNet-18)")
     m.add_argument("--batch", type=int, default=None, help="batch (default: mlp 256, resnet18 32)")

@@ -90,6 +90,29 @@ def test_search_picks_each_layers_fast_block():
     assert sum(c.seconds for c in result.choice.values()) < best_uniform
 
 
+def test_layer_floor_keeps_every_layer_above_its_share():
+    # layers.1 is 100x dearer to keep: the global budget alone empties it to the lowest
+    # density on offer; with a floor of 0.8 x the budget's 0.5, each layer keeps >= 40%.
+    model = _equal_energy_mlp([64, 64, 64])
+    fast = {"layers.0": (8, 8), "layers.1": (8, 8)}
+
+    def latency(layer, candidate, density):
+        return _injected(fast)(layer, candidate, density) * (100.0 if layer.name == "layers.1" else 1.0)
+
+    table = EnergyTable(prunable_layers(model, torch.randn(3, 64)))
+    free = search_map(model, torch.randn(3, 64), 0.5, FP, latency=latency, reference_block=(16, 16))
+    assert free.choice["layers.1"].energy < 0.1 * table.totals["layers.1"]
+    floored = search_map(model, torch.randn(3, 64), 0.5, FP, latency=latency, reference_block=(16, 16), layer_floor=0.8)
+    for name, c in floored.choice.items():
+        assert c.energy >= 0.4 * table.totals[name] * (1 - 1e-9), name
+    assert floored.pmap.info["retained_energy"] >= floored.energy_target - 1e-12
+    assert floored.pmap.info["layer_floor"] == 0.8
+    with pytest.raises(ValueError, match="layer_floor"):
+        search_map(model, torch.randn(3, 64), 0.5, FP, latency=latency, layer_floor=3.0)
+    with pytest.raises(ValueError, match="layer_floor"):
+        search_map(model, torch.randn(3, 64), 0.5, FP, latency=latency, layer_floor=-1)
+
+
 def test_search_trades_density_between_layers_as_brute_force_does():
     model = _equal_energy_mlp([64, 64, 64])
     layers = prunable_layers(model, torch.randn(3, 64))
