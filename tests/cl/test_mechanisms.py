@@ -85,6 +85,24 @@ def test_ddr_removes_the_easiest_and_never_touches_the_buffer():
         assert torch.equal(v, snapshot[k])
 
 
+def test_ddr_waits_for_two_epochs_of_counts_and_removes_stages_reached_together():
+    tr = _trainer()
+    ddr = DataRemoval(fraction=0.4, stages=(0.1, 0.2))  # both stages fall on the first epoch end of 5
+    ddr.start_task(tr, 10)
+    every = torch.arange(10)
+    # Epoch 1: 0-7 right, 8-9 wrong. One presentation: no event yet, so nothing leaves.
+    ddr.after_step(tr, 0.0, 0.2, every, torch.tensor([1] * 8 + [0] * 2, dtype=torch.bool), torch.zeros(10))
+    ddr.end_epoch(tr, 0.0, 0.2)
+    assert ddr.active().all()
+    # Epoch 2: 0-3 forgotten (1 event each); 4-9 right. The two stages' 2 x 20% = 4 leave
+    # at once, on two epochs' counts: the zero-event 4-7, not the first positions 0-3.
+    ddr.after_step(tr, 0.2, 0.4, every, torch.tensor([0] * 4 + [1] * 6, dtype=torch.bool), torch.zeros(10))
+    ddr.end_epoch(tr, 0.2, 0.4)
+    assert ddr.active().tolist() == [True] * 4 + [False] * 4 + [True] * 2
+    ddr.end_epoch(tr, 0.4, 0.6)  # no stage left
+    assert int(ddr.active().sum()) == 6
+
+
 def test_dgm_keeps_the_configured_fraction():
     tr = _trainer(density=1.0)  # 16 blocks
     layer = tr.sparse[0][1]
