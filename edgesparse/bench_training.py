@@ -99,7 +99,9 @@ def _step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callabl
     return step
 
 
-def _fwd_bwd_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+def fwd_bwd_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """One forward + backward of ``layer`` (its gradients and x's cleared first): what the
+    conv rows here and the mapper's per-layer latencies time."""
     def fwd_bwd():
         layer.zero_grad(set_to_none=True)
         x.grad = None
@@ -111,7 +113,7 @@ def run_case(case: TrainingCase, rounds: int, seed: int = 0) -> TrainingRow:
     from .bench import _median_times
 
     dense, sparse, x, target = case.build(torch.Generator().manual_seed(seed))
-    make = _step_fn if case.what == "step" else _fwd_bwd_fn
+    make = _step_fn if case.what == "step" else fwd_bwd_fn
     times = _median_times({"dense": make(dense, x, target), "sparse": make(sparse, x, target)}, rounds)
     return TrainingRow(
         case.name, case.what, 1e3 * times["dense"], 1e3 * times["sparse"], times["dense"] / times["sparse"],

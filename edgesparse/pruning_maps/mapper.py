@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..bench_training import fwd_bwd_fn
 from ..nn.sparsify import SparseScheme
 from .pmap import PruningMap
 
@@ -215,7 +216,7 @@ class LayerTimer:
         fns = {}
         for c, d in todo:
             module = layer.module if c.block is None else _sparse(layer, SparseScheme(c.block, d))
-            fns[(c, d)] = _fwd_bwd(module, x, dy)
+            fns[(c, d)] = fwd_bwd_fn(module, x, dy)
         for (c, d), seconds in _median_times(fns, self.rounds).items():
             self.table[(sig, c, d)] = seconds
 
@@ -236,14 +237,6 @@ def _sparse(layer: Layer, scheme: SparseScheme) -> nn.Module:
 
     cls = SparseConv2d if layer.kind == "conv" else SparseLinear
     return cls.from_dense(layer.module, scheme.block, scheme.density)
-
-
-def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def run():
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x).backward(dy)
-    return run
 
 
 @dataclass(frozen=True)
