@@ -4,8 +4,10 @@ machine stamp; the ratios are derived from times measured in the same run."""
 import json
 
 import pytest
+import torch
 
-from edgesparse import cli
+from edgesparse import bench, cli
+from tests._oracle import assert_close
 
 
 def test_quick_bench_writes_consistent_rows(tmp_path, capsys):
@@ -60,3 +62,20 @@ def test_quick_training_section_writes_steps_with_hand_counted_flop_ratios(tmp_p
     assert rows[1]["flop_ratio"] == pytest.approx(4.0)
     assert (tmp_path / "bench-training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FLOP ratio" in capsys.readouterr().out
+
+
+def test_cold_pow2_case_cycles_through_copies_of_the_same_weight(monkeypatch):
+    """A cold row's providers read a different copy at each call (here 2: twice the fake
+    cache is 1.5 fp32 BSRs), and every copy holds the weight: ours, the fp32 BSR and the
+    rebuilt W agree call after call."""
+    import edgesparse.compiler.target as target
+
+    case = bench.Case(4, 64, 96, (32, 3), 0.5, "pow2_forward", cold=True)
+    nnz_bytes = 32 * 3 * 4 * 32  # half of the 2 x 32 row blocks of 32 x 3: 32 blocks
+    monkeypatch.setattr(target, "last_level_cache_bytes", lambda: int(0.75 * nnz_bytes))
+    fns, nnz_blocks, _ = bench.pow2_providers(case, torch.Generator().manual_seed(0))
+    assert nnz_blocks == 32
+    for _ in range(4):
+        expected = fns["rebuild"]().double()
+        assert_close(fns["ours"](), expected, torch.float32, "pow2 product")
+        assert_close(fns["bsr"](), expected, torch.float32, "fp32 BSR product")

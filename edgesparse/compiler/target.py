@@ -12,6 +12,7 @@ import os
 import platform
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 
@@ -21,6 +22,23 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache"), default: int = 32 << 20) -> int:
+    """Size of CPU 0's largest cache, from Linux's sysfs (``default`` where none is
+    readable): what a benchmark must exceed for its operands to come from memory."""
+    sizes = []
+    for index in Path(cache_dir).glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=default)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,9 @@
 """Trainable power-of-two layers (SmartDeal): ``Pow2Linear`` and ``Pow2Conv2d``.
 
-A layer holds W = C·B as :class:`~edgesparse.pow2.Pow2Weight` does — int8 ``codes`` of
-C on a fixed (group x 3) row pattern, and the ``basis`` B — and its forward and both
-gradients run on the pow2 products, which read the codes, never a dense W. They are
-``torch.library`` custom ops with fake implementations, so ``torch.compile`` traces
+A layer holds W = C·B as :class:`~edgesparse.pow2.Pow2Weight` does — C's codes packed
+three to an int16 ``words`` entry on a fixed (group x 3) row pattern, and the ``basis``
+B — and its forward and both gradients run on the pow2 products, which read the packed
+codes, never a dense W. They are ``torch.library`` custom ops with fake implementations, so ``torch.compile`` traces
 them as single nodes.
 
 Parameters: ``basis`` [NB, G, 3, 3, group] and ``bias`` train by ordinary SGD; ``coef``
@@ -34,14 +34,14 @@ from ..formats import BSRIndex
 from ..kernels import dispatch
 from ..pow2 import ops as pow2_ops
 from ..pow2.decompose import decompose
-from ..pow2.format import DEFAULT_CHUNK_ROWS, DEFAULT_EXP_RANGE, DEFAULT_GROUP, Pow2Weight, check_exp_range, decode, encode
+from ..pow2.format import DEFAULT_CHUNK_ROWS, DEFAULT_EXP_RANGE, DEFAULT_GROUP, Pow2Weight, check_exp_range, decode, encode, pack, unpack
 from .modules import _im2col, _supported_conv
 
 __all__ = ["Pow2Conv2d", "Pow2Linear", "Pow2Scheme", "bucket_switch_", "pow2_linear", "requantize_"]
 
 
-def _weight(codes, basis, index, n, k, chunk_rows, e_min, e_max) -> Pow2Weight:
-    return Pow2Weight.from_index(codes, basis, BSRIndex(*index), (n, k), chunk_rows, (e_min, e_max))
+def _weight(words, basis, index, n, k, chunk_rows, e_min, e_max) -> Pow2Weight:
+    return Pow2Weight.from_index(words, basis, BSRIndex(*index), (n, k), chunk_rows, (e_min, e_max))
 
 
 def _on(backend: Optional[str]):
@@ -50,64 +50,64 @@ def _on(backend: Optional[str]):
 
 @torch.library.custom_op("edgesparse::pow2_linear", mutates_args=())
 def _pow2_linear(
-    x: Tensor, coef: Tensor, codes: Tensor, basis: Tensor, index: List[Tensor],
+    x: Tensor, coef: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, bias: Optional[Tensor],
 ) -> Tensor:
     # coef is not read: it is the straight-through handle that receives C's gradient.
-    return pow2_ops.pow2_linear(x, _weight(codes, basis, index, n, k, chunk_rows, e_min, e_max), bias)
+    return pow2_ops.pow2_linear(x, _weight(words, basis, index, n, k, chunk_rows, e_min, e_max), bias)
 
 
 @_pow2_linear.register_fake
-def _(x, coef, codes, basis, index, n, k, chunk_rows, e_min, e_max, bias):
+def _(x, coef, words, basis, index, n, k, chunk_rows, e_min, e_max, bias):
     return x.new_empty((*x.shape[:-1], n))
 
 
 # As in functional.py, the backward products run on the backend the forward was asked for.
 @torch.library.custom_op("edgesparse::pow2_linear_grad_input", mutates_args=())
 def _pow2_linear_grad_input(
-    dy: Tensor, codes: Tensor, basis: Tensor, index: List[Tensor],
+    dy: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, backend: Optional[str],
 ) -> Tensor:
     with _on(backend):
-        return pow2_ops.pow2_linear_grad_input(dy, _weight(codes, basis, index, n, k, chunk_rows, e_min, e_max))
+        return pow2_ops.pow2_linear_grad_input(dy, _weight(words, basis, index, n, k, chunk_rows, e_min, e_max))
 
 
 @_pow2_linear_grad_input.register_fake
-def _(dy, codes, basis, index, n, k, chunk_rows, e_min, e_max, backend):
+def _(dy, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
     return dy.new_empty((*dy.shape[:-1], k))
 
 
 @torch.library.custom_op("edgesparse::pow2_linear_grad_weight", mutates_args=())
 def _pow2_linear_grad_weight(
-    dy: Tensor, x: Tensor, codes: Tensor, basis: Tensor, index: List[Tensor],
+    dy: Tensor, x: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, backend: Optional[str],
 ) -> Tuple[Tensor, Tensor]:
     with _on(backend):
-        dC, dB = pow2_ops.pow2_linear_grad_weight(dy, x, _weight(codes, basis, index, n, k, chunk_rows, e_min, e_max))
+        dC, dB = pow2_ops.pow2_linear_grad_weight(dy, x, _weight(words, basis, index, n, k, chunk_rows, e_min, e_max))
     return dC, dB
 
 
 @_pow2_linear_grad_weight.register_fake
-def _(dy, x, codes, basis, index, n, k, chunk_rows, e_min, e_max, backend):
-    return dy.new_empty(codes.shape), torch.empty_like(basis)
+def _(dy, x, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
+    return dy.new_empty(words.shape[0], 3, words.shape[1]), torch.empty_like(basis)
 
 
 def _setup_context(ctx, inputs, output):
-    x, _coef, codes, basis, index, n, k, chunk_rows, e_min, e_max, _bias = inputs
+    x, _coef, words, basis, index, n, k, chunk_rows, e_min, e_max, _bias = inputs
     needs_weight = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-    ctx.save_for_backward(x if needs_weight else None, codes, basis, *index)
+    ctx.save_for_backward(x if needs_weight else None, words, basis, *index)
     ctx.args = (n, k, chunk_rows, e_min, e_max)
     ctx.backend = dispatch.requested_backend()
 
 
 def _backward(ctx, dy):
-    x, codes, basis, *index = ctx.saved_tensors
+    x, words, basis, *index = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx = dcoef = dbasis = dbias = None
     if needs[0]:
-        dx = _pow2_linear_grad_input(dy, codes, basis, index, *ctx.args, ctx.backend)
+        dx = _pow2_linear_grad_input(dy, words, basis, index, *ctx.args, ctx.backend)
     if needs[1] or needs[3]:
-        dC, dB = _pow2_linear_grad_weight(dy, x, codes, basis, index, *ctx.args, ctx.backend)
+        dC, dB = _pow2_linear_grad_weight(dy, x, words, basis, index, *ctx.args, ctx.backend)
         dcoef = dC if needs[1] else None
         dbasis = dB if needs[3] else None
     if needs[10]:
@@ -119,10 +119,10 @@ torch.library.register_autograd("edgesparse::pow2_linear", _backward, setup_cont
 
 
 def pow2_linear(x: Tensor, coef: Tensor, W: Pow2Weight, basis: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W.T + bias`` for W = C·B with C read from ``W.codes`` and B = ``basis``;
+    """``x @ W.T + bias`` for W = C·B with C read from ``W.words`` and B = ``basis``;
     differentiable in x, basis, bias, and (straight-through) in ``coef``, C's decoded values."""
     e_min, e_max = W.exp_range
-    return _pow2_linear(x, coef, W.codes, basis, list(W.index), W.shape[0], W.shape[1], W.chunk_rows, e_min, e_max, bias)
+    return _pow2_linear(x, coef, W.words, basis, list(W.index), W.shape[0], W.shape[1], W.chunk_rows, e_min, e_max, bias)
 
 
 class _Pow2Layer(nn.Module):
@@ -138,7 +138,7 @@ class _Pow2Layer(nn.Module):
         self.coef = nn.Parameter(W.coefficients(), requires_grad=weight.requires_grad)
         self.basis = nn.Parameter(W.basis, requires_grad=weight.requires_grad)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        self.register_buffer("codes", W.codes)
+        self.register_buffer("words", W.words)
         self.register_buffer("switch_count", torch.zeros_like(self.coef, dtype=torch.float32))
         for name, tensor in W.index._asdict().items():
             self.register_buffer(name, tensor)
@@ -147,9 +147,14 @@ class _Pow2Layer(nn.Module):
     def index(self) -> BSRIndex:
         return BSRIndex(*[getattr(self, name) for name in BSRIndex._fields])
 
+    @property
+    def codes(self) -> Tensor:
+        """C's codes unpacked, int8 [nnz_blocks, 3, group] (a new tensor: write ``words``)."""
+        return unpack(self.words)
+
     def weight_pow2(self) -> Pow2Weight:
         """The layer's weight (codes, basis and pattern shared, not copied)."""
-        return Pow2Weight.from_index(self.codes, self.basis, self.index, self.shape, self.chunk_rows, self.exp_range)
+        return Pow2Weight.from_index(self.words, self.basis, self.index, self.shape, self.chunk_rows, self.exp_range)
 
     def _product(self, x: Tensor) -> Tensor:
         return pow2_linear(x, self.coef, self.weight_pow2(), self.basis, self.bias)
@@ -157,8 +162,9 @@ class _Pow2Layer(nn.Module):
     @torch.no_grad()
     def requantize_(self) -> None:
         """C = pow2(coef) (after an optimizer step on coef): codes and coef follow."""
-        self.codes.copy_(encode(self.coef.float(), self.exp_range))
-        self.coef.copy_(decode(self.codes, self.exp_range, self.coef.dtype))
+        codes = encode(self.coef.float(), self.exp_range)
+        self.words.copy_(pack(codes))
+        self.coef.copy_(decode(codes, self.exp_range, self.coef.dtype))
 
     @torch.no_grad()
     def bucket_switch_(self, rate: float = 0.1) -> None:
@@ -169,7 +175,7 @@ class _Pow2Layer(nn.Module):
         if grad is None:
             raise RuntimeError("bucket_switch_ needs coef.grad: run a backward through the layer first")
         e_min, e_max = self.exp_range
-        codes = self.codes.to(torch.int32)
+        codes = unpack(self.words).to(torch.int32)
         field, negative = codes & 15, codes < 0
         sign = torch.where(negative, -1.0, 1.0)
         descent = -torch.sign(grad.float())
@@ -182,8 +188,16 @@ class _Pow2Layer(nn.Module):
         field = torch.where(born, torch.ones_like(field), field)
         negative = torch.where(born, down, negative) & (field > 0)
         self.switch_count[up | down] = 0.0
-        self.codes.copy_((field | torch.where(negative, -128, 0)).to(torch.int8))
-        self.coef.copy_(decode(self.codes, self.exp_range, self.coef.dtype))
+        codes = (field | torch.where(negative, -128, 0)).to(torch.int8)
+        self.words.copy_(pack(codes))
+        self.coef.copy_(decode(codes, self.exp_range, self.coef.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints saved before the codes were packed hold them one per int8 ("codes").
+        old = state_dict.pop(prefix + "codes", None)
+        if old is not None and prefix + "words" not in state_dict:
+            state_dict[prefix + "words"] = pack(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pow2_repr(self) -> str:
         return (

@@ -20,15 +20,25 @@ measured against.
 Stored arrays (the kernels vectorise over the ``group`` output rows of a block, so the
 filter index is the fastest-varying one):
 
-``codes``  int8 [nnz_blocks, 3, group]         codes[b, i, p] = code of C[row f*group + p, r, i]
+``words``  int16 [nnz_blocks, group]           words[b, p] = the 3 codes of C[row f*group + p, r, :]
                                                for block b at (block row f, block column r)
 ``basis``  float [NB, G, 3, 3, group]          basis[f, g, i, j, p] = B[f*group + p, g][i, j]
 ``index``  :class:`~edgesparse.formats.BSRIndex` of the (group, 3) block pattern
 
-A code is one signed byte: bits 0-3 hold f (0 means C = 0, else e = e_min + f - 1),
-bit 7 the sign (so a code is negative exactly when its value is), bits 4-6 are zero.
-So 15 exponent levels at most; the value is built exactly, ``(-1)^s · 2^e``, by every
-backend (bit construction in the compiled kernels, ldexp here).
+A code is 5 bits: f in bits 0-3 (0 means C = 0, else e = e_min + f - 1) and the sign in
+bit 4; so 15 exponent levels at most. A C row's three codes share one 16-bit word, code
+i in bits 5i..5i+4 (bit 15 is zero): 0.67 bytes per weight, where an int8 code per
+weight (1 byte) alone would already be a quarter of the fp32 BSR's 4. Measured on the
+issue's layer (2048 x 2048, half the rows kept, chunks of 192 rows): 0.212 of the fp32
+BSR's bytes with words, 0.293 with int8 codes, the basis and index included. The word
+also puts code i's sign 27 - 5i bits below bit 31 and its f 4 bits below that, so the
+compiled kernels build the float32 bits with one shift left, one arithmetic shift right
+and one mask (:mod:`edgesparse.kernels.tvm._pow2`): as few operations as int8 codes took.
+
+Outside the kernels (encoding, training updates, tests) C's codes are handled one per
+int8 — ``s << 7 | f``, negative exactly when the value is — and packed into words by
+:func:`pack`; :attr:`Pow2Weight.codes` unpacks them. The value is built exactly,
+``(-1)^s · 2^e``, by every backend (bit construction in the compiled kernels, ldexp here).
 """
 
 from __future__ import annotations
@@ -41,12 +51,13 @@ import torch
 
 from ..formats import BSR, BSRIndex
 
-__all__ = ["Pow2Weight", "DEFAULT_EXP_RANGE", "check_exp_range", "decode", "encode", "quantize"]
+__all__ = ["Pow2Weight", "DEFAULT_EXP_RANGE", "check_exp_range", "decode", "encode", "pack", "quantize", "unpack"]
 
 DEFAULT_EXP_RANGE = (-7, 5)
 MAX_LEVELS = 15  # f = 1..15 in the code's 4-bit field
 SIGN_BIT = -128  # bit 7 of an int8
 FIELD_MASK = 15
+CODE_BITS = 5  # of a code in a word: f (4 bits) and the sign
 DEFAULT_GROUP = 32
 # Linear chunks as long as a conv's group of 64 input channels (64 x 3 rows).
 DEFAULT_CHUNK_ROWS = 192
@@ -122,6 +133,27 @@ def quantize(values: torch.Tensor, exp_range=DEFAULT_EXP_RANGE, threshold: Optio
     return decode(encode(values, exp_range, threshold), exp_range, values.dtype)
 
 
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """int16 words [..., group] of int8 codes [..., 3, group]: code i of a C row in bits
+    5i..5i+4 of its word, as f | sign << 4."""
+    if codes.dim() < 2 or codes.shape[-2] != 3:
+        raise ValueError(f"codes must have shape [..., 3, group] (a C row's 3 codes on dim -2), got {tuple(codes.shape)}")
+    c = codes.to(torch.int32)
+    five_bits = (c & FIELD_MASK) | (c < 0).to(torch.int32) << 4
+    words = five_bits[..., 0, :] | five_bits[..., 1, :] << CODE_BITS | five_bits[..., 2, :] << (2 * CODE_BITS)
+    return words.to(torch.int16)
+
+
+def unpack(words: torch.Tensor) -> torch.Tensor:
+    """int8 codes [..., 3, group] of int16 words [..., group] (the inverse of :func:`pack`)."""
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int16:
+        got = words.dtype if isinstance(words, torch.Tensor) else type(words).__name__
+        raise TypeError(f"words must be an int16 tensor of packed codes, got {got}")
+    w = words.to(torch.int32)
+    five_bits = torch.stack([(w >> (CODE_BITS * i)) & 31 for i in range(3)], dim=-2)
+    return ((five_bits & FIELD_MASK) | torch.where(five_bits >= 16, SIGN_BIT, 0)).to(torch.int8)
+
+
 class Pow2Weight:
     """A weight W [N, K] = C·B with power-of-two C under a (group x 3) block pattern; see
     the module docstring for the layout. Build one with :func:`edgesparse.pow2.decompose`."""
@@ -156,26 +188,31 @@ class Pow2Weight:
             raise ValueError(f"basis must have shape {expected} (block rows, chunks, 3, 3, group), got {tuple(basis.shape)}")
         if basis.device != codes.device:
             raise ValueError(f"basis is on {basis.device} but codes are on {codes.device}")
-        self._set(codes.contiguous(), basis.contiguous(), pattern.index, pattern.shape, int(chunk_rows))
+        self._set(pack(codes).contiguous(), basis.contiguous(), pattern.index, pattern.shape, int(chunk_rows))
 
-    def _set(self, codes, basis, index: BSRIndex, shape, chunk_rows: int) -> None:
-        self.codes, self.basis, self.index = codes, basis, index
+    def _set(self, words, basis, index: BSRIndex, shape, chunk_rows: int) -> None:
+        self.words, self.basis, self.index = words, basis, index
         self.shape = (int(shape[0]), int(shape[1]))
         self.chunk_rows = chunk_rows
 
     @classmethod
-    def from_index(cls, codes, basis, index: BSRIndex, shape, chunk_rows: int, exp_range) -> "Pow2Weight":
-        """No checks, no copies: the per-call path of the autograd ops, over tensors a
-        module built once through the validating constructor."""
+    def from_index(cls, words, basis, index: BSRIndex, shape, chunk_rows: int, exp_range) -> "Pow2Weight":
+        """No checks, no copies: the per-call path of the autograd ops, over packed words
+        a module built once through the validating constructor."""
         out = object.__new__(cls)
         out.exp_range = (int(exp_range[0]), int(exp_range[1]))
-        out._set(codes, basis, index, shape, int(chunk_rows))
+        out._set(words, basis, index, shape, int(chunk_rows))
         return out
 
     # ------------------------------------------------------------------ properties
     @property
+    def codes(self) -> torch.Tensor:
+        """C's kept codes unpacked, int8 [nnz_blocks, 3, group] (a new tensor)."""
+        return unpack(self.words)
+
+    @property
     def group(self) -> int:
-        return self.codes.shape[2]
+        return self.words.shape[1]
 
     @property
     def block_rows(self) -> int:
@@ -192,7 +229,7 @@ class Pow2Weight:
 
     @property
     def nnz_blocks(self) -> int:
-        return self.codes.shape[0]
+        return self.words.shape[0]
 
     @property
     def row_sparsity(self) -> float:
@@ -206,7 +243,7 @@ class Pow2Weight:
 
     @property
     def device(self) -> torch.device:
-        return self.codes.device
+        return self.words.device
 
     # ------------------------------------------------------------------ values
     def coefficients(self) -> torch.Tensor:
@@ -230,17 +267,19 @@ class Pow2Weight:
 
     def with_codes(self, codes: torch.Tensor) -> "Pow2Weight":
         """Same pattern and basis, new (validated) codes of the same shape."""
-        if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != tuple(self.codes.shape):
-            raise ValueError(f"codes must have shape {tuple(self.codes.shape)}, got {tuple(getattr(codes, 'shape', ()))}")
+        expected = (self.nnz_blocks, 3, self.group)
+        if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != expected:
+            raise ValueError(f"codes must have shape {expected}, got {tuple(getattr(codes, 'shape', ()))}")
         check_codes(codes, self.exp_range)
-        return Pow2Weight.from_index(codes.contiguous(), self.basis, self.index, self.shape, self.chunk_rows, self.exp_range)
+        return Pow2Weight.from_index(pack(codes).contiguous(), self.basis, self.index, self.shape, self.chunk_rows, self.exp_range)
 
     # ------------------------------------------------------------------ size
     def nbytes(self) -> Dict[str, float]:
-        """Bytes of what the forward product reads: codes + pattern index (row offsets
-        and block columns) + basis, against fp32 dense and the fp32 BSR of this pattern."""
+        """Bytes of what the forward product reads: code words + pattern index (row
+        offsets and block columns) + basis, against fp32 dense and the fp32 BSR of this
+        pattern."""
         index = self.index.row_offsets.numel() * 4 + self.index.col_indices.numel() * 4
-        pow2 = self.codes.numel() + index + self.basis.numel() * self.basis.element_size()
+        pow2 = self.words.numel() * self.words.element_size() + index + self.basis.numel() * self.basis.element_size()
         bsr = self.nnz_blocks * self.group * 3 * 4 + index
         dense = self.shape[0] * self.shape[1] * 4
         return {
@@ -251,7 +290,7 @@ class Pow2Weight:
     def to(self, device) -> "Pow2Weight":
         device = torch.device(device)
         return Pow2Weight.from_index(
-            self.codes.to(device), self.basis.to(device), BSRIndex(*(t.to(device) for t in self.index)),
+            self.words.to(device), self.basis.to(device), BSRIndex(*(t.to(device) for t in self.index)),
             self.shape, self.chunk_rows, self.exp_range,
         )
 

@@ -7,7 +7,7 @@ for tvm and triton, ``kernels/reference_pow2.py`` for the reference.
 - ``pow2_linear(x, W, bias)``            y  = x @ W.to_dense().T + bias
 - ``pow2_linear_grad_input(dy, W)``      dx = dy @ W.to_dense()
 - ``pow2_linear_grad_weight(dy, x, W)``  (dC, dB): the gradients of C's decoded values
-  (straight-through: d/dC of C·B, on the kept blocks, laid out like W.codes) and of the
+  (straight-through: d/dC of C·B, on the kept blocks, laid out like W.codes, [nnz_blocks, 3, group]) and of the
   basis (laid out like W.basis)
 """
 

@@ -4,7 +4,7 @@ the fields that decide the generated code."""
 import os
 import platform
 
-from edgesparse.compiler.target import Target, cpu_count
+from edgesparse.compiler.target import Target, cpu_count, last_level_cache_bytes
 
 
 def _proc_flags():
@@ -44,3 +44,12 @@ def test_tvm_target_names_the_cpu():
     t = Target.detect()
     spec = t.tvm_target().export()
     assert spec["mcpu"] == t.llvm_cpu and spec["num-cores"] == t.cores
+
+
+def test_last_level_cache_is_the_largest_readable_cache(tmp_path):
+    for name, size in [("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index4", "garbled")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "index5").mkdir()  # no size file
+    assert last_level_cache_bytes(tmp_path) == 32768 * 1024
+    assert last_level_cache_bytes(tmp_path / "missing", default=123) == 123

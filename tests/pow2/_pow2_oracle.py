@@ -18,6 +18,15 @@ def code_value(code: int, e_min: int) -> float:
     return (-1.0 if code < 0 else 1.0) * math.ldexp(1.0, e_min + f - 1)
 
 
+def word_code_value(word: int, i: int, e_min: int) -> float:
+    """Code i of a packed int16 word by its definition: bits 5i..5i+3 f, bit 5i+4 the sign."""
+    five_bits = (word >> (5 * i)) & 31
+    f = five_bits & 15
+    if f == 0:
+        return 0.0
+    return (-1.0 if five_bits & 16 else 1.0) * math.ldexp(1.0, e_min + f - 1)
+
+
 def random_codes(shape, levels: int, gen: torch.Generator, zero_fraction: float = 0.2) -> torch.Tensor:
     f = torch.randint(1, levels + 1, shape, generator=gen)
     f[torch.rand(shape, generator=gen) < zero_fraction] = 0
@@ -48,12 +57,12 @@ def dense_oracle(W: Pow2Weight, requires_grad: bool = False):
     nb, r = W.block_rows, W.block_cols
     rows = W.index.row_indices.cpu().tolist()
     cols = W.index.col_indices.cpu().tolist()
-    codes = W.codes.cpu()
+    words = W.words.cpu()
     C = torch.zeros(nb * group, r, 3, dtype=torch.float64)
     for b, (f, rr) in enumerate(zip(rows, cols)):
         for i in range(3):
             for p in range(group):
-                C[f * group + p, rr, i] = code_value(int(codes[b, i, p]), e_min)
+                C[f * group + p, rr, i] = word_code_value(int(words[b, p]), i, e_min)
     B = W.basis.detach().cpu().double().permute(0, 4, 1, 2, 3).reshape(nb * group, -1, 3, 3).clone()
     if requires_grad:
         C.requires_grad_()
@@ -64,7 +73,7 @@ def dense_oracle(W: Pow2Weight, requires_grad: bool = False):
 
 
 def blocks_of_C(C_grad: torch.Tensor, W: Pow2Weight) -> torch.Tensor:
-    """[nnzb, 3, group] laid out like W.codes, from a [NB*group, R, 3] tensor."""
+    """[nnzb, 3, group] laid out like the unpacked codes, from a [NB*group, R, 3] tensor."""
     group = W.group
     out = []
     for f, rr in zip(W.index.row_indices.tolist(), W.index.col_indices.tolist()):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edgesparse import Pow2Weight
-from edgesparse.pow2 import decode, encode, quantize
+from edgesparse.pow2 import decode, encode, pack, quantize, unpack
 from tests._oracle import assert_close, random_mask
-from tests.pow2._pow2_oracle import code_value, dense_oracle, random_pow2_weight
+from tests.pow2._pow2_oracle import code_value, dense_oracle, random_codes, random_pow2_weight, word_code_value
 
 
 @pytest.mark.parametrize("exp_range", [(-7, 5), (-126, -112), (113, 127), (0, 0)])
@@ -75,6 +75,45 @@ def test_nbytes_counts_codes_index_and_basis(gen):
     nnz = int(mask.sum())
     index = 4 * (3 + 1) + 4 * nnz
     sizes = W.nbytes()
-    assert sizes["pow2"] == nnz * 3 * 32 + index + 3 * 3 * 9 * 32 * 4  # 3 chunks of 4 rows
+    assert sizes["pow2"] == nnz * 32 * 2 + index + 3 * 3 * 9 * 32 * 4  # a 2-byte word per C row; 3 chunks of 4 rows
     assert sizes["bsr_fp32"] == nnz * 32 * 3 * 4 + index
     assert sizes["dense_fp32"] == 70 * 30 * 4
+
+
+def test_pack_puts_code_i_in_bits_5i_to_5i_plus_4():
+    # C row (2^e_min, -2^(e_min + 12), 0): f = 1; f = 13 with the sign (bit 4); f = 0.
+    codes = torch.tensor([[[1], [-128 + 13], [0]]], dtype=torch.int8)
+    words = pack(codes)
+    assert words.dtype == torch.int16 and words.shape == (1, 1)
+    assert int(words[0, 0]) == 1 + (13 + 16) * 32  # 929
+    assert torch.equal(unpack(words), codes)
+
+
+@pytest.mark.parametrize("exp_range", [(-7, 5), (-126, -112), (0, 0)])
+def test_every_code_in_every_position_survives_packing(exp_range, gen):
+    levels = exp_range[1] - exp_range[0] + 1
+    codes = random_codes((40, 3, 33), levels, gen)
+    codes[0, :, : 2 * levels + 1] = torch.tensor([0] + list(range(1, levels + 1)) + [f - 128 for f in range(1, levels + 1)])
+    words = pack(codes)
+    assert bool((words >= 0).all()), "bit 15 of a word is zero"
+    assert torch.equal(unpack(words), codes)
+    for b, i, p in [(0, 0, 0), (0, 1, levels), (0, 2, 2 * levels), (39, 2, 32), (17, 1, 5)]:
+        assert word_code_value(int(words[b, p]), i, exp_range[0]) == code_value(int(codes[b, i, p]), exp_range[0])
+
+
+def test_pack_and_unpack_reject_bad_operands():
+    with pytest.raises(ValueError, match=r"codes must have shape \[\.\.\., 3, group\]"):
+        pack(torch.zeros(2, 4, dtype=torch.int8))
+    with pytest.raises(TypeError, match="words must be an int16 tensor"):
+        unpack(torch.zeros(2, 4, dtype=torch.int8))
+
+
+def test_bytes_are_at_most_a_quarter_of_the_fp32_bsr_on_the_issue_layer(gen):
+    """2048 x 2048, half of the (32 x 3) row blocks kept, chunks of 192 rows: codes
+    2/3 byte a weight, the basis and index on top; counted from the arrays by hand."""
+    mask = random_mask(64, 683, 0.5, gen)
+    W = random_pow2_weight((2048, 2048), 32, 192, mask, gen)
+    nnz = int(mask.sum())
+    expected = nnz * 32 * 2 + 4 * 65 + 4 * nnz + 64 * 4 * 9 * 32 * 4
+    assert W.nbytes()["pow2"] == expected
+    assert expected / (nnz * 32 * 3 * 4 + 4 * 65 + 4 * nnz) <= 0.25

@@ -60,7 +60,7 @@ def test_decode_in_the_kernels_is_bit_exact(backend, device, gen):
     """B = I per row and chunk, x = I: y[k, n] = W[n, k] = C's code value, exactly."""
     W = make(gen, device, density=0.7, shape=SMALL)
     eye_basis = torch.eye(3).reshape(1, 1, 3, 3, 1).expand_as(W.basis).contiguous().to(device)
-    W = Pow2Weight.from_index(W.codes, eye_basis, W.index, W.shape, W.chunk_rows, W.exp_range)
+    W = Pow2Weight.from_index(W.words, eye_basis, W.index, W.shape, W.chunk_rows, W.exp_range)
     expected, _, _ = dense_oracle(W)
     with edgesparse.use_backend(backend):
         y = pow2_linear(torch.eye(SMALL[1], device=device), W)
@@ -85,7 +85,7 @@ def test_empty_batch_and_extreme_densities(backend, device, gen, density):
         dC, dB = pow2_linear_grad_weight(randn((0, SHAPE[0]), gen, device=device), x[:0], W)
     assert_close(y, to64(x) @ w64.T, torch.float32, "y")
     assert empty.shape == (0, SHAPE[0])
-    assert not dC.any() and not dB.any() and dC.shape == W.codes.shape and dB.shape == W.basis.shape
+    assert not dC.any() and not dB.any() and dC.shape == (W.nnz_blocks, 3, W.group) and dB.shape == W.basis.shape
 
 
 def test_bad_operands_are_rejected(gen):

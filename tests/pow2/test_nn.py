@@ -63,9 +63,9 @@ def test_opcheck_schema_fake_and_autograd_registration(op, gen):
     x, dy = randn((3, IN), gen).requires_grad_(), randn((3, OUT), gen)
     common = (list(W.index), OUT, IN, W.chunk_rows, *W.exp_range)
     args = {
-        "pow2_linear": (x, lin.coef, W.codes, lin.basis, *common, lin.bias),
-        "pow2_linear_grad_input": (dy, W.codes, lin.basis.detach(), *common, "reference"),
-        "pow2_linear_grad_weight": (dy, x.detach(), W.codes, lin.basis.detach(), *common, "reference"),
+        "pow2_linear": (x, lin.coef, W.words, lin.basis, *common, lin.bias),
+        "pow2_linear_grad_input": (dy, W.words, lin.basis.detach(), *common, "reference"),
+        "pow2_linear_grad_weight": (dy, x.detach(), W.words, lin.basis.detach(), *common, "reference"),
     }[op]
     with edgesparse.use_backend("reference"):
         torch.library.opcheck(getattr(torch.ops.edgesparse, op).default, args)
@@ -87,8 +87,10 @@ def test_requantize_rounds_coef_to_powers_of_two_and_updates_codes(gen):
 def test_bucket_switch_moves_exponents_by_one_when_the_count_reaches_one(gen):
     lin = layer(gen)
     with torch.no_grad():
-        lin.codes[0, :, :4] = torch.tensor([1, -128 + 13, 0, 5], dtype=torch.int8)  # 2^-7, -2^5, 0, 2^-3
-        lin.coef.copy_(edgesparse.pow2.decode(lin.codes, lin.exp_range))
+        codes = lin.codes
+        codes[0, :, :4] = torch.tensor([1, -128 + 13, 0, 5], dtype=torch.int8)  # 2^-7, -2^5, 0, 2^-3
+        lin.words.copy_(edgesparse.pow2.pack(codes))
+        lin.coef.copy_(edgesparse.pow2.decode(codes, lin.exp_range))
     grad = torch.zeros_like(lin.coef)
     grad[0, :, :4] = torch.tensor([1.0, 1.0, 1.0, 0.0])  # descent: shrink 2^-7, grow -2^5, zero goes negative
     grad[0, 0, 5] = -1.0
@@ -192,3 +194,16 @@ def test_compiled_training_step_has_no_graph_break(gen):
     torch.testing.assert_close(loss_c, loss_e)
     for got, p in zip(grads_c, model.parameters()):
         torch.testing.assert_close(got, p.grad)
+
+
+def test_a_state_dict_with_unpacked_int8_codes_still_loads(gen):
+    """Checkpoints from before the codes were packed hold "codes" [nnz, 3, group] int8."""
+    a, b = layer(gen), layer(gen)
+    old = {k: v for k, v in a.state_dict().items() if k != "words"}
+    old["codes"] = a.codes
+    assert old["codes"].dtype == torch.int8 and old["codes"].shape[1] == 3
+    b.load_state_dict(old)
+    assert torch.equal(b.codes, a.codes) and torch.equal(b.words, a.words)
+    x = randn((4, IN), gen)
+    with edgesparse.use_backend("reference"):
+        assert torch.equal(a(x), b(x))

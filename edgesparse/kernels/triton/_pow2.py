@@ -1,4 +1,4 @@
-"""What the Triton pow2 kernels share: the in-register decode of int8 codes (the bit
+"""What the Triton pow2 kernels share: the in-register decode of packed codes (the bit
 construction of kernels/tvm/_pow2.py, exact and bit-equal to the reference), a chunk's
 B row, and the launch arguments."""
 
@@ -9,24 +9,24 @@ import triton.language as tl
 
 from ...pow2.format import Pow2Weight
 
+
 @triton.jit
-def decode(code, E_BIAS: tl.constexpr):
-    """Float32 values of int8 codes ``s << 7 | f``: 0 for f = 0, else (-1)^s·2^(f + E_BIAS - 127)."""
-    c = code.to(tl.int32)
-    # Of the code shifted left by 23, keep the sign (bit 31) and f (bits 23..26): the mask
-    # 0x87800000 as an int32; then add the exponent bias.
-    bits = ((c << 23) & -2021654528) + (E_BIAS << 23)
-    return tl.where((c & 15) == 0, 0.0, bits.to(tl.float32, bitcast=True))
+def decode(words, CODE: tl.constexpr, E_BIAS: tl.constexpr):
+    """Float32 values of code ``CODE`` (f | s << 4 in bits 5·CODE..5·CODE+4) of int16 words: 0 for
+    f = 0, else (-1)^s·2^(f + E_BIAS - 127)."""
+    w = words.to(tl.int32)
+    # Shifted left by 27 - 5·CODE, the code's sign is at bit 31 and f at 27..30; the arithmetic
+    # shift right by 4 brings f to 23..26; the mask 0x87800000 (as an int32) keeps the sign
+    # and f, which is 0 exactly for the zero code; then add the exponent bias.
+    bits = ((w << (27 - 5 * CODE)) >> 4) & -2021654528
+    return tl.where(bits == 0, 0.0, (bits + (E_BIAS << 23)).to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def load_codes(codes_ptr, blk, offs_p, p_mask, P: tl.constexpr, E_BIAS: tl.constexpr):
+def load_codes(words_ptr, blk, offs_p, p_mask, P: tl.constexpr, E_BIAS: tl.constexpr):
     """The three decoded rows C[:, i] (over the group's output rows) of block ``blk`` (int64)."""
-    base = codes_ptr + blk * (3 * P) + offs_p
-    c0 = decode(tl.load(base, mask=p_mask, other=0), E_BIAS)
-    c1 = decode(tl.load(base + P, mask=p_mask, other=0), E_BIAS)
-    c2 = decode(tl.load(base + 2 * P, mask=p_mask, other=0), E_BIAS)
-    return c0, c1, c2
+    words = tl.load(words_ptr + blk * P + offs_p, mask=p_mask, other=0)
+    return decode(words, 0, E_BIAS), decode(words, 1, E_BIAS), decode(words, 2, E_BIAS)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Forward of a power-of-two weight: y = x @ W.T + bias, W = C·B read as int8 codes.
+"""Forward of a power-of-two weight: y = x @ W.T + bias, W = C·B read as packed 5-bit codes.
 
 The evaluation order is the TVM kernel's (kernels/tvm/pow2_linear.py, where it is
 derived): per kept block, decode the 3 x group codes, mix them with the chunk's B into
@@ -21,7 +21,7 @@ from ._pow2 import basis_entry, kernel_args, load_codes
 
 @triton.jit
 def _pow2_linear_kernel(
-    x_ptr, codes_ptr, basis_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, y_ptr,
+    x_ptr, words_ptr, basis_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, y_ptr,
     M, N, K, G,
     P: tl.constexpr, BP: tl.constexpr, CHUNK: tl.constexpr, E_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -40,7 +40,7 @@ def _pow2_linear_kernel(
     for b in range(start, end):
         r = tl.load(col_indices_ptr + b)
         chunk = basis_ptr + (f.to(tl.int64) * G + r // CHUNK) * (9 * P)
-        c0, c1, c2 = load_codes(codes_ptr, b, offs_p, p_mask, P, E_BIAS)
+        c0, c1, c2 = load_codes(words_ptr, b, offs_p, p_mask, P, E_BIAS)
         for j in tl.static_range(3):
             w = (c0 * basis_entry(chunk, 0, j, offs_p, p_mask, P) + c1 * basis_entry(chunk, 1, j, offs_p, p_mask, P)
                  + c2 * basis_entry(chunk, 2, j, offs_p, p_mask, P))
@@ -70,7 +70,7 @@ def pow2_linear(x: torch.Tensor, W: Pow2Weight, bias: Optional[torch.Tensor] = N
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm = block_m(m)
     _pow2_linear_kernel[(triton.cdiv(m, bm), W.block_rows)](
-        x.contiguous(), W.codes, W.basis, W.index.row_offsets, W.index.col_indices,
+        x.contiguous(), W.words, W.basis, W.index.row_offsets, W.index.col_indices,
         bias.contiguous() if bias is not None else None, y,
         m, n, k, W.n_chunks, BLOCK_M=bm, **kernel_args(W),
     )

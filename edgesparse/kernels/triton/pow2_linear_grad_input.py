@@ -1,4 +1,4 @@
-"""grad-input of a power-of-two weight: dx = dy @ W, W = C·B read as int8 codes.
+"""grad-input of a power-of-two weight: dx = dy @ W, W = C·B read as packed 5-bit codes.
 
 One program per (M tile, block column r), walking the transposed index like the fp32
 BSR grad-input: each kept block's W entries are rebuilt in registers (see
@@ -19,7 +19,7 @@ from .pow2_linear import block_m
 
 @triton.jit
 def _pow2_linear_grad_input_kernel(
-    dy_ptr, codes_ptr, basis_ptr, col_offsets_ptr, col_order_ptr, col_order_rows_ptr, dx_ptr,
+    dy_ptr, words_ptr, basis_ptr, col_offsets_ptr, col_order_ptr, col_order_rows_ptr, dx_ptr,
     M, N, K, G,
     P: tl.constexpr, BP: tl.constexpr, CHUNK: tl.constexpr, E_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -39,7 +39,7 @@ def _pow2_linear_grad_input_kernel(
         blk = tl.load(col_order_ptr + q).to(tl.int64)
         f = tl.load(col_order_rows_ptr + q)
         chunk = basis_ptr + (f.to(tl.int64) * G + r // CHUNK) * (9 * P)
-        c0, c1, c2 = load_codes(codes_ptr, blk, offs_p, p_mask, P, E_BIAS)
+        c0, c1, c2 = load_codes(words_ptr, blk, offs_p, p_mask, P, E_BIAS)
         n = f * P + offs_p
         # n < N: the last block row may hang past N, where dy has no storage.
         dy = tl.load(dy_rows + n[None, :], mask=m_mask[:, None] & (p_mask & (n < N))[None, :], other=0.0).to(tl.float32)
@@ -69,7 +69,7 @@ def pow2_linear_grad_input(dy: torch.Tensor, W: Pow2Weight) -> torch.Tensor:
     bm = block_m(m)
     ix = W.index
     _pow2_linear_grad_input_kernel[(triton.cdiv(m, bm), W.block_cols)](
-        dy.contiguous(), W.codes, W.basis, ix.col_offsets, ix.col_order, ix.col_order_rows, dx,
+        dy.contiguous(), W.words, W.basis, ix.col_offsets, ix.col_order, ix.col_order_rows, dx,
         m, n, k, W.n_chunks, BLOCK_M=bm, **kernel_args(W),
     )
     return dx

@@ -29,7 +29,7 @@ def _dc_row(dc_ptr, chunk, i: tl.constexpr, dw0, dw1, dw2, offs_p, p_mask, P: tl
 
 @triton.jit
 def _pow2_linear_grad_weight_kernel(
-    dy_ptr, x_ptr, codes_ptr, basis_ptr, row_offsets_ptr, col_indices_ptr, dc_ptr, db_ptr,
+    dy_ptr, x_ptr, words_ptr, basis_ptr, row_offsets_ptr, col_indices_ptr, dc_ptr, db_ptr,
     M, N, K, G,
     P: tl.constexpr, BP: tl.constexpr, CHUNK: tl.constexpr, E_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -75,7 +75,7 @@ def _pow2_linear_grad_weight_kernel(
         tl.store(db_ptr + (f.to(tl.int64) * G + current) * (9 * P) + db_tile, db_acc, mask=db_mask & done)
         db_acc = tl.where(done, 0.0, db_acc)
         current = g
-        c0, c1, c2 = load_codes(codes_ptr, b, offs_p, p_mask, P, E_BIAS)
+        c0, c1, c2 = load_codes(words_ptr, b, offs_p, p_mask, P, E_BIAS)
         c = tl.where((i_of == 0)[:, None], c0[None, :], tl.where((i_of == 1)[:, None], c1[None, :], c2[None, :]))
         dw = tl.where((j_of == 0)[:, None], dw0[None, :], tl.where((j_of == 1)[:, None], dw1[None, :], dw2[None, :]))
         db_acc += c * dw
@@ -86,13 +86,13 @@ def pow2_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: Pow2Weight):
     """(dC [nnz_blocks, 3, group], dB like W.basis) for dy [M, N] and x [M, K]."""
     m = dy.shape[0]
     n, k = W.shape
-    dC = torch.zeros(W.codes.shape, dtype=dy.dtype, device=dy.device)
+    dC = torch.zeros(W.nnz_blocks, 3, W.group, dtype=dy.dtype, device=dy.device)
     # Summed in fp32 and cast once at the end; chunks without kept blocks stay zero.
     dB = torch.zeros(W.basis.shape, dtype=torch.float32, device=dy.device)
     if m == 0 or W.nnz_blocks == 0:
         return dC, dB.to(dy.dtype)
     _pow2_linear_grad_weight_kernel[(W.block_rows,)](
-        dy.contiguous(), x.contiguous(), W.codes, W.basis, W.index.row_offsets, W.index.col_indices, dC, dB,
+        dy.contiguous(), x.contiguous(), W.words, W.basis, W.index.row_offsets, W.index.col_indices, dC, dB,
         m, n, k, W.n_chunks, BLOCK_M=block_m(m), **kernel_args(W),
     )
     return dC, dB.to(dy.dtype)

@@ -1,25 +1,29 @@
-"""What the TVM pow2 kernels share: the in-register decode of an int8 code, and the
-schedule heuristic.
+"""What the TVM pow2 kernels share: the in-register decode of a code from its packed
+word, and the schedule heuristic.
 
-A code is ``s << 7 | f`` (see :mod:`edgesparse.pow2.format`): its value is 0 for f = 0,
-else (-1)^s · 2^(e_min + f - 1), whose float32 bits are the sign at bit 31 and the
-biased exponent e_min + f - 1 + 127 at bits 23..30 with a zero mantissa. Sign-extended
-to 32 bits and shifted left by 23, the code already has s at bit 31 and f at bits
-23..26; one mask (bit 30 is a copy of s) and one add of the bias make the bits. Then a
-select for zero: 6 vector ops per 8 codes on AVX2, against 9 for a sign stored at bit 4.
-Exact, no table, no ldexp call, and bit-equal to the reference decode.
+Code i of a word (see :mod:`edgesparse.pow2.format`) is f | s << 4 in bits 5i..5i+4;
+its value is 0 for f = 0, else (-1)^s · 2^(e_min + f - 1), whose float32 bits are the
+sign at bit 31 and the biased exponent e_min + f - 1 + 127 at bits 23..30 with a zero
+mantissa. Shifted left by 27 - 5i, the word has s at bit 31 and f at bits 27..30; an
+arithmetic shift right by 4 keeps s at 31 (copying it into 28..30) and brings f to
+23..26; one mask and one add of the bias make the bits. Then a select for zero (the
+masked word is 0 exactly when f is: zero has no sign). 6 vector ops per 8 codes on
+AVX2, as many as one int8 code took; exact, no table, no ldexp call, and bit-equal to
+the reference decode.
 """
 
 from __future__ import annotations
 
+# The float32 sign bit and a 4-bit exponent field at bits 23..26, as an int32.
+SIGN_AND_FIELD = 0x87800000 - (1 << 32)
 
-def decode_expr(code, e_min: int):
-    """The float32 value of an int8 code expression (TensorIR)."""
+
+def decode_expr(word, i: int, e_min: int):
+    """The float32 value of code ``i`` (0, 1 or 2) of an int16 word expression (TensorIR)."""
     from tvm.script import tirx as T
 
-    c = T.Cast("int32", code)
-    bits = ((c << 23) & T.int32(0x87800000 - (1 << 32))) + T.int32((e_min + 126) << 23)
-    return T.Select((c & 15) == 0, T.float32(0), T.reinterpret("float32", bits))
+    bits = ((T.Cast("int32", word) << (27 - 5 * i)) >> 4) & T.int32(SIGN_AND_FIELD)
+    return T.Select(bits == 0, T.float32(0), T.reinterpret("float32", bits + T.int32((e_min + 126) << 23)))
 
 
 def heuristic_pow2(batch: int, group: int, rows: int = 8, simd=None):

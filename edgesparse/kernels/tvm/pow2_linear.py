@@ -1,4 +1,4 @@
-"""Forward of a power-of-two weight: y = x @ W.T + bias with W = C·B read as int8 codes.
+"""Forward of a power-of-two weight: y = x @ W.T + bias with W = C·B read as packed 5-bit codes.
 
 Which order to evaluate in. For output row n, chunk g and kept C row r (one block b at
 block row f = n // group, block column r):
@@ -18,9 +18,9 @@ registers (integer ops, see _pow2.py), mixes them with the chunk's B — stored
 [NB, G, 3, 3, group] so a vector over the group's output rows is contiguous — and feeds
 the 3 rebuilt W vectors to a register tile of ``rows`` x ``cols`` accumulators, as the
 fp32 BSR kernel (_block_rows.py) does with W read from memory. Per kept element it
-reads 1 byte of code (plus 36 bytes of B per output row and chunk) where the fp32 BSR
-of the same pattern reads 4: the saving that matters when M is small and W dominates
-the traffic.
+reads 2/3 of a byte of code (a 16-bit word per C row of 3, plus 36 bytes of B per output
+row and chunk) where the fp32 BSR of the same pattern reads 4: the saving that matters
+when M is small and W dominates the traffic.
 
 Threads split the block rows (filter groups): each owns its outputs, no atomics.
 
@@ -33,7 +33,7 @@ rebuilding W from C and B before F.linear.
 With more rows the product is compute-bound, and per element the in-register path does
 about twice the fp32 kernel's work (decode and mix, then the same FMAs): 0.61x the fp32
 BSR at M = 256. So from DECODE_ONCE_ROWS rows on, the kept blocks are decoded once per call instead
-(``decoded_blocks``) and the fp32 BSR kernel runs on them: W's int8 codes are still all
+(``decoded_blocks``) and the fp32 BSR kernel runs on them: W's packed codes are still all
 that is stored, and the extra pass costs what one fp32 BSR read of W does (M = 256:
 0.84x the fp32 BSR, median of 3 runs).
 """
@@ -63,7 +63,7 @@ def _make_forward(P: int, chunk_rows: int, e_min: int, sched: Schedule, has_bias
     MT, PT = sched.rows, sched.cols
 
     @T.macro
-    def tile(x, codes, basis, off, idx, bias, out, f, m_start, rows):
+    def tile(x, words, basis, off, idx, bias, out, f, m_start, rows):
         for p0 in T.serial(P // PT):
             acc = T.alloc_buffer((rows, PT), "float32")
             c = T.alloc_buffer((3, PT), "float32")
@@ -77,7 +77,7 @@ def _make_forward(P: int, chunk_rows: int, e_min: int, sched: Schedule, has_bias
             for b in T.serial(off[f], off[f + 1]):
                 for i in T.unroll(3):
                     for p in T.vectorized(PT):
-                        c[i, p] = decode_expr(codes[b, i, p0 * PT + p], e_min)
+                        c[i, p] = decode_expr(words[b, p0 * PT + p], i, e_min)
                 for j in T.unroll(3):
                     for p in T.vectorized(PT):
                         w[j, p] = (c[0, p] * basis[f, idx[b] // chunk_rows, 0, j, p0 * PT + p]
@@ -92,11 +92,11 @@ def _make_forward(P: int, chunk_rows: int, e_min: int, sched: Schedule, has_bias
                     out[m_start + mt, f * P + p0 * PT + p] = acc[mt, p]
 
     @T.prim_func
-    def forward(x_h: T.handle, codes_h: T.handle, basis_h: T.handle, off_h: T.handle, idx_h: T.handle, bias_h: T.handle, out_h: T.handle):
+    def forward(x_h: T.handle, words_h: T.handle, basis_h: T.handle, off_h: T.handle, idx_h: T.handle, bias_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
         M, IN_W, NNZ, NB, G, NOFF, NBIAS, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         x = T.match_buffer(x_h, (M, IN_W), "float32")
-        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        words = T.match_buffer(words_h, (NNZ, P), "int16")
         basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
         off = T.match_buffer(off_h, (NOFF,), "int32")
         idx = T.match_buffer(idx_h, (NNZ,), "int32")
@@ -104,9 +104,9 @@ def _make_forward(P: int, chunk_rows: int, e_min: int, sched: Schedule, has_bias
         out = T.match_buffer(out_h, (M, OUT_W), "float32")
         for f in T.parallel(NOFF - 1):
             for m0 in T.serial(M // MT):
-                tile(x, codes, basis, off, idx, bias, out, f, m0 * MT, MT)
+                tile(x, words, basis, off, idx, bias, out, f, m0 * MT, MT)
             for m in T.serial(M % MT):
-                tile(x, codes, basis, off, idx, bias, out, f, M - M % MT + m, 1)
+                tile(x, words, basis, off, idx, bias, out, f, M - M % MT + m, 1)
 
     return forward
 
@@ -116,10 +116,10 @@ def _make_decode_blocks(P: int, chunk_rows: int, e_min: int):
     from tvm.script import tirx as T
 
     @T.prim_func
-    def decode_blocks(codes_h: T.handle, basis_h: T.handle, rows_h: T.handle, idx_h: T.handle, out_h: T.handle):
+    def decode_blocks(words_h: T.handle, basis_h: T.handle, rows_h: T.handle, idx_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
         NNZ, NB, G = T.int32(), T.int32(), T.int32()
-        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        words = T.match_buffer(words_h, (NNZ, P), "int16")
         basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
         rows = T.match_buffer(rows_h, (NNZ,), "int32")
         idx = T.match_buffer(idx_h, (NNZ,), "int32")
@@ -127,9 +127,9 @@ def _make_decode_blocks(P: int, chunk_rows: int, e_min: int):
         for b in T.parallel(NNZ):
             for j in T.unroll(3):
                 for p in T.vectorized(P):
-                    out[b, j, p] = (decode_expr(codes[b, 0, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 0, j, p]
-                                    + decode_expr(codes[b, 1, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 1, j, p]
-                                    + decode_expr(codes[b, 2, p], e_min) * basis[rows[b], idx[b] // chunk_rows, 2, j, p])
+                    out[b, j, p] = (decode_expr(words[b, p], 0, e_min) * basis[rows[b], idx[b] // chunk_rows, 0, j, p]
+                                    + decode_expr(words[b, p], 1, e_min) * basis[rows[b], idx[b] // chunk_rows, 1, j, p]
+                                    + decode_expr(words[b, p], 2, e_min) * basis[rows[b], idx[b] // chunk_rows, 2, j, p])
 
     return decode_blocks
 
@@ -139,7 +139,7 @@ def decoded_blocks(W: Pow2Weight) -> torch.Tensor:
     values), decoded by one parallel pass over the codes."""
     out = torch.empty(W.nnz_blocks, 3, W.group, dtype=W.basis.dtype)
     compiled(_make_decode_blocks, W.group, W.chunk_rows, W.exp_range[0])(
-        kernel_arg(W.codes), kernel_arg(W.basis), kernel_arg(W.index.row_indices), kernel_arg(W.index.col_indices), out,
+        kernel_arg(W.words), kernel_arg(W.basis), kernel_arg(W.index.row_indices), kernel_arg(W.index.col_indices), out,
     )
     return out
 
@@ -163,7 +163,7 @@ def pow2_linear(x: torch.Tensor, W: Pow2Weight, bias: torch.Tensor | None = None
     fn = compiled(_make_forward, P, W.chunk_rows, W.exp_range[0], sched, bias is not None)
     y = torch.empty(x.shape[0], nb * P, dtype=x.dtype)
     fn(
-        kernel_arg(pad_columns(x, W.block_cols * 3)), kernel_arg(W.codes), kernel_arg(W.basis),
+        kernel_arg(pad_columns(x, W.block_cols * 3)), kernel_arg(W.words), kernel_arg(W.basis),
         kernel_arg(W.index.row_offsets), kernel_arg(W.index.col_indices),
         kernel_arg(padded_bias) if bias is not None else placeholder(torch.float32), y,
     )

@@ -1,4 +1,4 @@
-"""grad-input of a power-of-two weight: dx = dy @ W with W = C·B read as int8 codes.
+"""grad-input of a power-of-two weight: dx = dy @ W with W = C·B read as packed 5-bit codes.
 
 dx[m, 3r + j] = sum over the kept blocks b of block column r (the transposed index, as
 the fp32 BSR grad-input walks it) and over the block's ``group`` output rows n of
@@ -27,7 +27,7 @@ def _make_grad_input(P: int, chunk_rows: int, e_min: int, sched: Schedule):
     MT, PT = sched.rows, sched.cols
 
     @T.macro
-    def tile(dy, codes, basis, off, order, order_rows, out, r, m_start, rows):
+    def tile(dy, words, basis, off, order, order_rows, out, r, m_start, rows):
         acc = T.alloc_buffer((rows, 3, PT), "float32")
         c = T.alloc_buffer((3, PT), "float32")
         w = T.alloc_buffer((3, PT), "float32")
@@ -39,7 +39,7 @@ def _make_grad_input(P: int, chunk_rows: int, e_min: int, sched: Schedule):
             for p0 in T.serial(P // PT):
                 for i in T.unroll(3):
                     for p in T.vectorized(PT):
-                        c[i, p] = decode_expr(codes[order[q], i, p0 * PT + p], e_min)
+                        c[i, p] = decode_expr(words[order[q], p0 * PT + p], i, e_min)
                 for j in T.unroll(3):
                     for p in T.vectorized(PT):
                         w[j, p] = (c[0, p] * basis[order_rows[q], r // chunk_rows, 0, j, p0 * PT + p]
@@ -56,11 +56,11 @@ def _make_grad_input(P: int, chunk_rows: int, e_min: int, sched: Schedule):
                     out[m_start + mt, r * 3 + j] = out[m_start + mt, r * 3 + j] + acc[mt, j, p]
 
     @T.prim_func
-    def grad_input(dy_h: T.handle, codes_h: T.handle, basis_h: T.handle, off_h: T.handle, order_h: T.handle, rows_h: T.handle, out_h: T.handle):
+    def grad_input(dy_h: T.handle, words_h: T.handle, basis_h: T.handle, off_h: T.handle, order_h: T.handle, rows_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
         M, IN_W, NNZ, NB, G, NOFF, OUT_W = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         dy = T.match_buffer(dy_h, (M, IN_W), "float32")
-        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        words = T.match_buffer(words_h, (NNZ, P), "int16")
         basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
         off = T.match_buffer(off_h, (NOFF,), "int32")
         order = T.match_buffer(order_h, (NNZ,), "int32")
@@ -68,9 +68,9 @@ def _make_grad_input(P: int, chunk_rows: int, e_min: int, sched: Schedule):
         out = T.match_buffer(out_h, (M, OUT_W), "float32")
         for r in T.parallel(NOFF - 1):
             for m0 in T.serial(M // MT):
-                tile(dy, codes, basis, off, order, order_rows, out, r, m0 * MT, MT)
+                tile(dy, words, basis, off, order, order_rows, out, r, m0 * MT, MT)
             for m in T.serial(M % MT):
-                tile(dy, codes, basis, off, order, order_rows, out, r, M - M % MT + m, 1)
+                tile(dy, words, basis, off, order, order_rows, out, r, M - M % MT + m, 1)
 
     return grad_input
 
@@ -87,7 +87,7 @@ def pow2_linear_grad_input(dy: torch.Tensor, W: Pow2Weight, schedule: Schedule |
     dx = torch.empty(dy.shape[0], W.block_cols * 3, dtype=dy.dtype)
     ix = W.index
     fn(
-        kernel_arg(pad_columns(dy, W.block_rows * P)), kernel_arg(W.codes), kernel_arg(W.basis),
+        kernel_arg(pad_columns(dy, W.block_rows * P)), kernel_arg(W.words), kernel_arg(W.basis),
         kernel_arg(ix.col_offsets), kernel_arg(ix.col_order), kernel_arg(ix.col_order_rows), dx,
     )
     return dx[:, :k] if dx.shape[1] != k else dx

@@ -1,4 +1,4 @@
-"""Weight gradients of a power-of-two weight W = C·B, read as int8 codes:
+"""Weight gradients of a power-of-two weight W = C·B, read as packed 5-bit codes:
 
     dW[b] = dy[:, rows of b].T @ x[:, 3r : 3r + 3]        [group, 3], block b at (f, r)
     dC[b, i, n] = sum_j dW[b][n, j]·B[n, g][i, j]         (straight-through for C)
@@ -59,13 +59,13 @@ def _make_grad_weight(P: int, chunk_rows: int, e_min: int):
     from tvm.script import tirx as T
 
     @T.prim_func
-    def grad_weight(dy_h: T.handle, x_h: T.handle, codes_h: T.handle, basis_h: T.handle, off_h: T.handle, idx_h: T.handle,
+    def grad_weight(dy_h: T.handle, x_h: T.handle, words_h: T.handle, basis_h: T.handle, off_h: T.handle, idx_h: T.handle,
                     dc_h: T.handle, db_h: T.handle):
         T.func_attr({"tir.noalias": True})
         M, R, NNZ, NB, G, NOFF = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         dy = T.match_buffer(dy_h, (NB, M, P), "float32")
         x = T.match_buffer(x_h, (R, M, 3), "float32")
-        codes = T.match_buffer(codes_h, (NNZ, 3, P), "int8")
+        words = T.match_buffer(words_h, (NNZ, P), "int16")
         basis = T.match_buffer(basis_h, (NB, G, 3, 3, P), "float32")
         off = T.match_buffer(off_h, (NOFF,), "int32")
         idx = T.match_buffer(idx_h, (NNZ,), "int32")
@@ -89,7 +89,7 @@ def _make_grad_weight(P: int, chunk_rows: int, e_min: int):
                             acc[j, p] = acc[j, p] + dy[f, m, p] * x[idx[b], m, j]
                 for i in T.unroll(3):
                     for p in T.vectorized(P):
-                        c[i, p] = decode_expr(codes[b, i, p], e_min)
+                        c[i, p] = decode_expr(words[b, p], i, e_min)
                 for i in T.unroll(3):
                     for p in T.vectorized(P):
                         dc[b, i, p] = (acc[0, p] * basis[f, idx[b] // chunk_rows, i, 0, p]
@@ -106,13 +106,13 @@ def _make_grad_weight(P: int, chunk_rows: int, e_min: int):
 def pow2_linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, W: Pow2Weight):
     """(dC [nnz_blocks, 3, group], dB like W.basis); dy [M, N], x [M, K] contiguous."""
     P = W.group
-    dC = torch.zeros(W.codes.shape, dtype=dy.dtype)
+    dC = torch.zeros(W.nnz_blocks, 3, P, dtype=dy.dtype)
     dB = torch.zeros_like(W.basis)
     if dy.shape[0] == 0 or W.nnz_blocks == 0:
         return dC, dB
     fn = compiled(_make_grad_weight, P, W.chunk_rows, W.exp_range[0])
     fn(
-        _panels(dy, W.block_rows, P), _panels(x, W.block_cols, 3), kernel_arg(W.codes), kernel_arg(W.basis),
+        _panels(dy, W.block_rows, P), _panels(x, W.block_cols, 3), kernel_arg(W.words), kernel_arg(W.basis),
         kernel_arg(W.index.row_offsets), kernel_arg(W.index.col_indices), dC, dB,
     )
     return dC, dB
