@@ -18,9 +18,9 @@ SmartDeal's released code does; "density" is the kept fraction of C's rows, and 
 weight's bytes are reported against the fp32 BSR's.
 
 A "cold" row is the memory-bound case: every provider cycles through copies of its
-weights (distinct memory, same values) until the copies of the fp32 BSR fill twice the
-last-level cache, so each call reads its weight from DRAM, as the layers of a model
-larger than the cache do on an edge device. A warm row calls one weight again and
+weights (distinct memory, same values), as many as fill twice the last-level cache with
+that provider's own format, so each call reads its weight from DRAM, as the layers of
+a model larger than the cache do on an edge device. A warm row calls one weight again and
 again: on a CPU with 32 MB of L3 the issue's 8 MB fp32 BSR then never leaves the cache.
 """
 
@@ -173,16 +173,22 @@ def pow2_providers(case: Case, generator: torch.Generator):
     W = decompose(w, 1.0 - case.density, group=case.block[0], iterations=2).weight
     bsr = W.to_bsr()
     sizes = W.nbytes()
-    copies = math.ceil(2 * last_level_cache_bytes() / sizes["bsr_fp32"]) if case.cold else 1
+    cache = last_level_cache_bytes()
 
-    def cycle(make: Callable[[], object]) -> Callable[[], object]:
-        """The next of ``copies`` distinct copies at every call."""
+    def cycle(make: Callable[[], object], nbytes: int) -> Callable[[], object]:
+        """A call returns the next of enough distinct copies that together they fill
+        twice the last-level cache (cold), or the one weight (warm)."""
+        copies = math.ceil(2 * cache / nbytes) if case.cold else 1
         return itertools.cycle([make() for _ in range(copies)]).__next__
 
-    next_w = cycle(w.clone)
-    next_W = cycle(lambda: Pow2Weight.from_index(W.words.clone(), W.basis.clone(), W.index, W.shape, W.chunk_rows, W.exp_range))
-    next_bsr = cycle(lambda: BSR.from_index(bsr.values.clone(), bsr.index, bsr.shape))
-    next_CB = cycle(lambda: tuple(t.clone() for t in smartdeal_tensors(W)))
+    def nbytes(*tensors: torch.Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    next_w = cycle(w.clone, nbytes(w))
+    next_W = cycle(lambda: Pow2Weight.from_index(W.words.clone(), W.basis.clone(), W.index, W.shape, W.chunk_rows, W.exp_range),
+                   sizes["pow2"])
+    next_bsr = cycle(lambda: BSR.from_index(bsr.values.clone(), bsr.index, bsr.shape), sizes["bsr_fp32"])
+    next_CB = cycle(lambda: tuple(t.clone() for t in smartdeal_tensors(W)), nbytes(*smartdeal_tensors(W)))
 
     def rebuilt() -> torch.Tensor:
         C, B = next_CB()

@@ -127,7 +127,7 @@ def _train_settings(args: argparse.Namespace) -> dict:
         settings[key] = (quick if args.quick else full) if value is None else value
     settings["hidden"] = tuple(settings["hidden"])
     settings["block"] = tuple(settings["block"]) if len(settings["block"]) == 2 else (settings["block"][0],) * 2
-    for key in ("strategy", "lr", "momentum", "seed", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
+    for key in ("strategy", "lr", "sparse_lr_scale", "momentum", "seed", "ddr_fraction", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
         settings[key] = getattr(args, key)
     return settings
 
@@ -171,12 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--buffer-size", dest="buffer_size", type=int, default=None, help="replay buffer, samples (default 500)")
     t.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     t.add_argument("--buffer-batch", dest="buffer_batch", type=int, default=32, help="replay batch size (each of DER++'s two)")
+    t.add_argument("--ddr-fraction", dest="ddr_fraction", type=float, default=0.3,
+                   help="share of each task's examples DDR removes over its stages (default 0.3, as SparCL)")
     t.add_argument("--dgm-fraction", dest="dgm_fraction", type=float, default=0.2,
                    help="share of each layer's whole weight matrix (pruned blocks included) whose gradient DGM computes, "
                         "as in SparCL's code (default 0.2; at 90%% sparsity nothing is skipped)")
     t.add_argument("--tdm-delta", dest="tdm_delta", type=float, default=0.002,
                    help="share of all blocks TDM swaps per phase (default 0.002; SparCL's paper: 0.01)")
     t.add_argument("--lr", type=float, default=0.06, help="SGD learning rate, both runs (default 0.06)")
+    t.add_argument("--sparse-lr-scale", dest="sparse_lr_scale", type=float, default=1.0,
+                   help="the sparse layers' learning rate is --lr times this (default 1)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, both runs (default 0.9)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")

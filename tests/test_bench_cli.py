@@ -65,9 +65,9 @@ def test_quick_training_section_writes_steps_with_hand_counted_flop_ratios(tmp_p
 
 
 def test_cold_pow2_case_cycles_through_copies_of_the_same_weight(monkeypatch):
-    """A cold row's providers read a different copy at each call (here 2: twice the fake
-    cache is 1.5 fp32 BSRs), and every copy holds the weight: ours, the fp32 BSR and the
-    rebuilt W agree call after call."""
+    """A cold row's providers read a different copy at each call (the fp32 BSR: 2, as
+    twice the fake cache is 1.5 of its bytes; the others more), and every copy holds the
+    weight: ours, the fp32 BSR and the rebuilt W agree call after call."""
     import edgesparse.compiler.target as target
 
     case = bench.Case(4, 64, 96, (32, 3), 0.5, "pow2_forward", cold=True)

@@ -65,6 +65,7 @@ class RunConfig:
     # class-IL on the default stream against 44.9% with 1% (same seed, 5 epochs).
     tdm_delta: float = 0.002
     ddr: bool = False
+    ddr_fraction: float = 0.3  # of each task's examples, removed over DDR's stages (SparCL: 30%)
     dgm: bool = False
     dgm_fraction: float = 0.2
     rigl: bool = False
@@ -78,6 +79,7 @@ class RunConfig:
     # The 10%-dense model wants the larger step, dense the smaller; 0.06 is the best
     # shared one for the sparse run, and dense's own best (0.03) is 1.5 points above it.
     lr: float = 0.06
+    sparse_lr_scale: float = 1.0  # the sparse layers' lr is lr x this
     momentum: float = 0.9
     seed: int = 0
 
@@ -93,8 +95,12 @@ class RunConfig:
             raise ValueError("tdm and rigl both rewrite the mask: choose one")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.sparse_lr_scale > 0:
+            raise ValueError(f"sparse_lr_scale must be positive, got {self.sparse_lr_scale}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.ddr_fraction < 1.0:
+            raise ValueError(f"ddr_fraction must lie in [0, 1) (share of each task's examples DDR removes), got {self.ddr_fraction}")
         if not 0.0 < self.dgm_fraction <= 1.0:
             raise ValueError(f"dgm_fraction must lie in (0, 1] (share of the whole weight matrix whose gradient is computed), got {self.dgm_fraction}")
         for name in ("epochs", "batch_size", "buffer_batch"):
@@ -147,7 +153,12 @@ class Trainer:
         densities = layer_densities(c.distribution, shapes, 1.0 - c.sparsity) if c.sparsity > 0 else None
         self.model = build_mlp(self.stream.n_features, self.stream.n_classes, hidden, densities, c.block, c.rescale_init)
         self.sparse = sparse_layers(self.model)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum)
+        sparse_values = [layer.values for _, layer in self.sparse]
+        taken = {id(p) for p in sparse_values}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in taken]}]
+        if sparse_values:
+            groups.append({"params": sparse_values, "lr": c.lr * c.sparse_lr_scale})
+        self.optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
         self.gen = torch.Generator().manual_seed(c.seed + 1)
         buffer = ReservoirBuffer(c.buffer_size, self.stream.n_features, self.stream.n_classes) if c.buffer_size else None
         self.strategy = Strategy(c.strategy, buffer, c.buffer_batch, logit_mask=c.logit_mask)
@@ -159,7 +170,7 @@ class Trainer:
         if c.dgm:
             self.mechanisms["dgm"] = GradientMasking(c.dgm_fraction)
         if c.ddr:
-            self.mechanisms["ddr"] = DataRemoval()
+            self.mechanisms["ddr"] = DataRemoval(c.ddr_fraction)
         if c.freeze:
             self.mechanisms["freeze"] = ProgressiveFreezing()
         if c.sieve:

@@ -29,7 +29,7 @@ A code is 5 bits: f in bits 0-3 (0 means C = 0, else e = e_min + f - 1) and the 
 bit 4; so 15 exponent levels at most. A C row's three codes share one 16-bit word, code
 i in bits 5i..5i+4 (bit 15 is zero): 0.67 bytes per weight, where an int8 code per
 weight (1 byte) alone would already be a quarter of the fp32 BSR's 4. Measured on the
-issue's layer (2048 x 2048, half the rows kept, chunks of 192 rows): 0.212 of the fp32
+issue's layer (2048 x 2048, half the rows kept, chunks of 192 rows): 0.210 of the fp32
 BSR's bytes with words, 0.293 with int8 codes, the basis and index included. The word
 also puts code i's sign 27 - 5i bits below bit 31 and its f 4 bits below that, so the
 compiled kernels build the float32 bits with one shift left, one arithmetic shift right

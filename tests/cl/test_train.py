@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgesparse import cli
-from edgesparse.cl.train import RunConfig, run, start
+from edgesparse.cl.train import RunConfig, Trainer, run, start
 
 TINY = dict(stream="split-digits", hidden=(32, 32), block=(8, 8), buffer_size=40, buffer_batch=8,
             batch_size=16, epochs=2, lr=0.1)
@@ -73,10 +73,30 @@ def test_config_errors_are_named():
         RunConfig(epochs=0)
     with pytest.raises(ValueError, match="dgm_fraction"):
         RunConfig(sparsity=0.9, dgm=True, dgm_fraction=0.0)
+    with pytest.raises(ValueError, match="ddr_fraction"):
+        RunConfig(ddr=True, ddr_fraction=1.0)
     with pytest.raises(ValueError, match="lr"):
         RunConfig(lr=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         RunConfig(momentum=1.0)
+    with pytest.raises(ValueError, match="sparse_lr_scale"):
+        RunConfig(sparse_lr_scale=0.0)
+
+
+def test_sparse_layers_step_with_their_scaled_learning_rate():
+    """One plain-SGD step: every weight moves by -lr x its gradient, the sparse layers'
+    kept blocks by -lr x sparse_lr_scale x theirs (hand rule, no momentum)."""
+    trainer = Trainer(RunConfig(sparsity=0.5, **{**TINY, "lr": 0.05}, momentum=0.0, sparse_lr_scale=3.0))
+    params = list(trainer.model.parameters())
+    sparse = {id(layer.values) for _, layer in trainer.sparse}
+    assert len(sparse) == 1 and len(params) > 2
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    trainer.optimizer.step()
+    for p, b in zip(params, before):
+        lr = 0.05 * (3.0 if id(p) in sparse else 1.0)
+        torch.testing.assert_close(p.detach(), b - lr * p.grad, rtol=0, atol=1e-6)
 
 
 def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
