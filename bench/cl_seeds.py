@@ -8,7 +8,7 @@ single-threaded), so their wall-clock is not a figure; `edgesparse train` measur
 
     python bench/cl_seeds.py --seeds 0 1 2 --workers 2 \\
         dense:sparsity=0,lr=0.03 \\
-        sparcl:sparsity=0.9,tdm=1,ddr=1,dgm=1,lr=0.03,sparse_lr_scale=3
+        sparcl:sparsity=0.9,tdm=1,ddr=1,dgm=1,ddr_fraction=0.15
 
 Every configuration is a ``name:key=value,...`` of :class:`edgesparse.cl.train.RunConfig`
 fields over its defaults. Each finished run is appended to ``--out`` (JSON lines), and

@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, replace
 from itertools import product
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,10 +31,10 @@ from .train import RunConfig, start
 __all__ = ["ablation_configs", "default_configs", "format_table", "run_invocation"]
 
 
-def default_configs(base: RunConfig, sparse_method: str = "sparcl") -> List[RunConfig]:
+def default_configs(base: RunConfig, sparse_method: str = "sparcl", dense_lr: Optional[float] = None) -> List[RunConfig]:
     """The default comparison: the sparse run (``sparse_method``: SparCL's TDM + DDR + DGM,
     RigL, SpFDE's freezing + sieving, or a static mask) and the dense run of the same
-    strategy, same seed."""
+    strategy, same seed; the dense run at ``dense_lr`` (default: base's lr)."""
     flags = {
         "sparcl": dict(tdm=True, ddr=True, dgm=True),
         "rigl": dict(rigl=True),
@@ -44,17 +44,18 @@ def default_configs(base: RunConfig, sparse_method: str = "sparcl") -> List[RunC
     if sparse_method not in flags:
         raise ValueError(f"sparse_method must be one of {sorted(flags)}, got {sparse_method!r}")
     sparse = replace(base, name=f"{base.strategy}-{sparse_method}", **flags[sparse_method])
-    dense = replace(base, name=f"{base.strategy}-dense", sparsity=0.0)
+    dense = replace(base, name=f"{base.strategy}-dense", sparsity=0.0, lr=base.lr if dense_lr is None else dense_lr)
     return [sparse, dense]
 
 
-def ablation_configs(base: RunConfig) -> List[RunConfig]:
-    """SparCL's TDM, DDR and DGM each on and off (8 sparse runs), plus the dense run."""
+def ablation_configs(base: RunConfig, dense_lr: Optional[float] = None) -> List[RunConfig]:
+    """SparCL's TDM, DDR and DGM each on and off (8 sparse runs), plus the dense run (at
+    ``dense_lr``, default base's lr)."""
     runs = []
     for tdm, ddr, dgm in product((True, False), repeat=3):
         tag = "+".join(n for n, on in (("tdm", tdm), ("ddr", ddr), ("dgm", dgm)) if on) or "static"
         runs.append(replace(base, name=f"sparse-{tag}", tdm=tdm, ddr=ddr, dgm=dgm))
-    runs.append(replace(base, name="dense", sparsity=0.0))
+    runs.append(replace(base, name="dense", sparsity=0.0, lr=base.lr if dense_lr is None else dense_lr))
     return runs
 
 

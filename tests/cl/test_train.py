@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edgesparse import cli
-from edgesparse.cl.train import RunConfig, Trainer, run, start
+from edgesparse.cl.experiment import ablation_configs, default_configs
+from edgesparse.cl.train import RunConfig, run, start
 
 TINY = dict(stream="split-digits", hidden=(32, 32), block=(8, 8), buffer_size=40, buffer_batch=8,
             batch_size=16, epochs=2, lr=0.1)
@@ -79,24 +80,6 @@ def test_config_errors_are_named():
         RunConfig(lr=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         RunConfig(momentum=1.0)
-    with pytest.raises(ValueError, match="sparse_lr_scale"):
-        RunConfig(sparse_lr_scale=0.0)
-
-
-def test_sparse_layers_step_with_their_scaled_learning_rate():
-    """One plain-SGD step: every weight moves by -lr x its gradient, the sparse layers'
-    kept blocks by -lr x sparse_lr_scale x theirs (hand rule, no momentum)."""
-    trainer = Trainer(RunConfig(sparsity=0.5, **{**TINY, "lr": 0.05}, momentum=0.0, sparse_lr_scale=3.0))
-    params = list(trainer.model.parameters())
-    sparse = {id(layer.values) for _, layer in trainer.sparse}
-    assert len(sparse) == 1 and len(params) > 2
-    before = [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    trainer.optimizer.step()
-    for p, b in zip(params, before):
-        lr = 0.05 * (3.0 if id(p) in sparse else 1.0)
-        torch.testing.assert_close(p.detach(), b - lr * p.grad, rtol=0, atol=1e-6)
 
 
 def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
@@ -111,6 +94,7 @@ def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sparse, dense = payload["runs"]
     assert sparse["flops_reduction"] == pytest.approx(dense["flops_total"] / sparse["flops_total"])
+    assert sparse["config"]["lr"] == dense["config"]["lr"] == 0.06  # --quick: the dense run takes --lr
     assert len(sparse["acc_class_il"]) == 5 and sparse["sparse_density"] == pytest.approx(0.5, abs=0.05)
     # Resuming a finished invocation retrains nothing and reports the same figures.
     assert cli.main(["train", "--resume", str(out)]) == 0
@@ -118,9 +102,20 @@ def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
     assert [r["acc_class_il"] for r in again] == [r["acc_class_il"] for r in payload["runs"]]
 
 
+def test_dense_run_takes_its_own_learning_rate():
+    base = RunConfig(sparsity=0.9, lr=0.06)
+    sparse, dense = default_configs(base, "sparcl", dense_lr=0.03)
+    assert (sparse.lr, sparse.sparsity, dense.lr, dense.sparsity) == (0.06, 0.9, 0.03, 0.0)
+    runs = ablation_configs(base, dense_lr=0.02)
+    assert [r.lr for r in runs] == [0.06] * 8 + [0.02] and runs[-1].sparsity == 0.0
+    assert default_configs(base)[1].lr == 0.06
+
+
 def test_cli_train_rejects_bad_settings(tmp_path, capsys):
     assert cli.main(["train", "--quick", "--sparsity", "1.5", "--out", str(tmp_path)]) == 2
     assert "sparsity" in capsys.readouterr().err
+    assert cli.main(["train", "--quick", "--dense-lr", "-1", "--out", str(tmp_path)]) == 2
+    assert "lr must be positive" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
 
 
