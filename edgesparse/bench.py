@@ -188,11 +188,12 @@ def pow2_providers(case: Case, generator: torch.Generator):
     next_W = cycle(lambda: Pow2Weight.from_index(W.words.clone(), W.basis.clone(), W.index, W.shape, W.chunk_rows, W.exp_range),
                    sizes["pow2"])
     next_bsr = cycle(lambda: BSR.from_index(bsr.values.clone(), bsr.index, bsr.shape), sizes["bsr_fp32"])
-    next_CB = cycle(lambda: tuple(t.clone() for t in smartdeal_tensors(W)), nbytes(*smartdeal_tensors(W)))
+    C, B = smartdeal_tensors(W)
+    next_CB = cycle(lambda: (C.clone(), B.clone()), nbytes(C, B))
 
     def rebuilt() -> torch.Tensor:
-        C, B = next_CB()
-        return torch.matmul(C, B).reshape(n, -1)[:, :k]
+        C_copy, B_copy = next_CB()
+        return torch.matmul(C_copy, B_copy).reshape(n, -1)[:, :k]
 
     if case.op == "pow2_forward":
         x = torch.randn(m, k, generator=generator)

@@ -2,6 +2,7 @@
 machine stamp; the ratios are derived from times measured in the same run."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -65,17 +66,31 @@ def test_quick_training_section_writes_steps_with_hand_counted_flop_ratios(tmp_p
 
 
 def test_cold_pow2_case_cycles_through_copies_of_the_same_weight(monkeypatch):
-    """A cold row's providers read a different copy at each call (the fp32 BSR: 2, as
-    twice the fake cache is 1.5 of its bytes; the others more), and every copy holds the
-    weight: ours, the fp32 BSR and the rebuilt W agree call after call."""
+    """A cold row's providers read a different copy at each call, as many copies as fill
+    twice the (here fake) cache in their own format, and every copy holds the weight:
+    ours, the fp32 BSR and the rebuilt W agree call after call."""
     import edgesparse.compiler.target as target
+    import edgesparse.pow2.ops as pow2_ops
 
     case = bench.Case(4, 64, 96, (32, 3), 0.5, "pow2_forward", cold=True)
-    nnz_bytes = 32 * 3 * 4 * 32  # half of the 2 x 32 row blocks of 32 x 3: 32 blocks
-    monkeypatch.setattr(target, "last_level_cache_bytes", lambda: int(0.75 * nnz_bytes))
+    values_bytes = 32 * 3 * 4 * 32  # half of the 2 x 32 row blocks of 32 x 3: 32 blocks
+    cache = int(0.75 * values_bytes)
+    monkeypatch.setattr(target, "last_level_cache_bytes", lambda: cache)
+    read = {"ours": [], "bsr": []}
+    real_pow2, real_bsr = pow2_ops.pow2_linear, bench.ops.bsr_linear
+    monkeypatch.setattr(pow2_ops, "pow2_linear", lambda x, W: read["ours"].append(W.words.data_ptr()) or real_pow2(x, W))
+    monkeypatch.setattr(bench.ops, "bsr_linear", lambda x, W: read["bsr"].append(W.values.data_ptr()) or real_bsr(x, W))
     fns, nnz_blocks, _ = bench.pow2_providers(case, torch.Generator().manual_seed(0))
     assert nnz_blocks == 32
-    for _ in range(4):
+    for _ in range(12):
         expected = fns["rebuild"]().double()
         assert_close(fns["ours"](), expected, torch.float32, "pow2 product")
         assert_close(fns["bsr"](), expected, torch.float32, "fp32 BSR product")
+    # Copies by hand: ceil(2 x cache / bytes), the bytes of words + index + basis, and of
+    # values + index.
+    index = 4 * 3 + 4 * 32
+    pow2_copies = math.ceil(2 * cache / (32 * 32 * 2 + index + 2 * 1 * 9 * 32 * 4))
+    bsr_copies = math.ceil(2 * cache / (values_bytes + index))
+    assert (pow2_copies, bsr_copies) == (5, 2)
+    assert len(set(read["ours"])) == pow2_copies and read["ours"][:pow2_copies] == read["ours"][pow2_copies:2 * pow2_copies]
+    assert len(set(read["bsr"])) == bsr_copies and read["bsr"][:bsr_copies] == read["bsr"][bsr_copies:2 * bsr_copies]

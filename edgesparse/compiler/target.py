@@ -27,13 +27,13 @@ def cpu_count() -> int:
 def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache"), default: int = 32 << 20) -> int:
     """Size of CPU 0's largest cache, from Linux's sysfs (``default`` where none is
     readable): what a benchmark must exceed for its operands to come from memory."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
     for index in Path(cache_dir).glob("index*"):
         try:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
         elif text.isdigit():

@@ -3,8 +3,8 @@
 A layer holds W = C·B as :class:`~edgesparse.pow2.Pow2Weight` does — C's codes packed
 three to an int16 ``words`` entry on a fixed (group x 3) row pattern, and the ``basis``
 B — and its forward and both gradients run on the pow2 products, which read the packed
-codes, never a dense W. They are ``torch.library`` custom ops with fake implementations, so ``torch.compile`` traces
-them as single nodes.
+codes, never a dense W. They are ``torch.library`` custom ops with fake
+implementations, so ``torch.compile`` traces them as single nodes.
 
 Parameters: ``basis`` [NB, G, 3, 3, group] and ``bias`` train by ordinary SGD; ``coef``
 [nnz_blocks, 3, group] holds C's decoded values, the straight-through handle of C: the
