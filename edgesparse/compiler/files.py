@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import tempfile
@@ -19,14 +20,18 @@ CACHE_DIR_ENV = "EDGESPARSE_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """The per-user cache directory (created on first use)."""
-    root = os.environ.get(CACHE_DIR_ENV)
+    """The per-user cache directory. Not created here: whoever writes into it does
+    (``atomic_write_bytes``, ``locked``), so the kernels' per-call look-up of the tuning
+    database costs no system call beyond one stat."""
+    return _cache_dir(os.environ.get(CACHE_DIR_ENV), os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir(root, xdg_cache_home, home) -> Path:
+    # Keyed by the variables it reads, so a changed environment gives a new directory.
     if root:
-        path = Path(root).expanduser()
-    else:
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgesparse"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        return Path(root).expanduser()
+    return Path(xdg_cache_home or Path.home() / ".cache") / "edgesparse"
 
 
 @contextlib.contextmanager

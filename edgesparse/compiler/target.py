@@ -51,11 +51,13 @@ def host_cpu_name() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_target():
-    """The TVM target for this machine's CPU, with its core count."""
+def cpu_target() -> str:
+    """The TVM target for this machine's CPU, with its core count, as the string the
+    kernel builds are keyed by (made once: ``str()`` of a Target takes 3 us, and every
+    kernel call looks its build up)."""
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name(), "num-cores": cpu_count()})
+    return str(tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name(), "num-cores": cpu_count()}))
 
 
 @dataclass(frozen=True)

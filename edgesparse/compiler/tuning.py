@@ -26,6 +26,7 @@ warning, and the heuristic schedules are used.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -87,8 +88,12 @@ def record_key(op: str, block: Tuple[int, int], dtype: str, shape: ShapeClass, t
 
 
 def default_path() -> Path:
-    env = os.environ.get(DB_ENV)
-    return Path(env).expanduser() if env else cache_dir() / "tuning.json"
+    return _database_path(os.environ.get(DB_ENV), cache_dir())
+
+
+@functools.lru_cache(maxsize=8)
+def _database_path(env: Optional[str], directory: Path) -> Path:
+    return Path(env).expanduser() if env else directory / "tuning.json"
 
 
 def _now() -> str:

@@ -141,6 +141,19 @@ def test_nan_in_x_gives_nan_in_the_affected_outputs(backend, device, gen):
     assert_close(y[others], ref[others], torch.float32, "y[other rows]")
 
 
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("block", [(1, 4), (4, 1), (3, 5), (8, 36), (32, 32)])
+def test_tvm_transposed_blocks_match_torch(gen, block, density):
+    """The forward kernel reads W's blocks transposed, made by our own kernel; oracle:
+    torch's transpose. An in-place update of the values (an optimizer step) must be seen."""
+    from edgesparse.kernels.tvm.bsr_linear import transposed_values
+
+    W = BSR.from_dense(randn((50, 70), gen, torch.float32), block, density=density)
+    assert torch.equal(transposed_values(W), W.values.transpose(1, 2))
+    W.values.mul_(-2.0)
+    assert torch.equal(transposed_values(W), W.values.transpose(1, 2))
+
+
 # ------------------------------------------------------------------ bad input (checked before dispatch)
 @pytest.fixture
 def small():

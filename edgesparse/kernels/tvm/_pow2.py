@@ -14,6 +14,8 @@ the reference decode.
 
 from __future__ import annotations
 
+import functools
+
 # The float32 sign bit and a 4-bit exponent field at bits 23..26, as an int32.
 SIGN_AND_FIELD = 0x87800000 - (1 << 32)
 
@@ -26,6 +28,7 @@ def decode_expr(word, i: int, e_min: int):
     return T.Select(bits == 0, T.float32(0), T.reinterpret("float32", bits + T.int32((e_min + 126) << 23)))
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every call, as heuristic_block_rows
 def heuristic_pow2(batch: int, group: int, rows: int = 8, simd=None):
     """Knobs of the pow2 forward and grad-input kernels: one vector of output rows wide,
     up to ``rows`` batch rows tall, threads over the block rows.

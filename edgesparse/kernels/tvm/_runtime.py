@@ -39,7 +39,7 @@ def compiled(make_prim_func: Callable, *params: Hashable):
     from ...compiler.target import cpu_target
 
     key = (make_prim_func.__qualname__,) + params
-    return _compile(key, make_prim_func, str(cpu_target()))
+    return _compile(key, make_prim_func, cpu_target())
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,10 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
 
 def placeholder(dtype: torch.dtype) -> torch.Tensor:
     """A one-element tensor for a kernel argument that this build never reads."""
-    return _placeholders.setdefault(dtype, torch.zeros(1, dtype=dtype))
+    t = _placeholders.get(dtype)
+    if t is None:
+        t = _placeholders[dtype] = torch.zeros(1, dtype=dtype)
+    return t
 
 
 _placeholders: dict = {}

@@ -6,18 +6,45 @@ import torch
 
 from ...formats import BSR, pad_columns
 from ._block_rows import block_rows_product
-from ._runtime import cached_on, threads
+from ._runtime import cached_on, compiled, kernel_arg, threads
 from .schedule import Schedule, heuristic_block_rows, tuned
+
+
+def _make_transpose(bn: int, bk: int):
+    """[nnz, bn, bk] -> [nnz, bk, bn]: threads over the blocks, each output row one
+    vector store gathered from a column of the block."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def transpose(values_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        NNZ = T.int32()
+        values = T.match_buffer(values_h, (NNZ, bn, bk), "float32")
+        out = T.match_buffer(out_h, (NNZ, bk, bn), "float32")
+        for b in T.parallel(NNZ):
+            for q in T.serial(bk):
+                for p in T.vectorized(bn):
+                    out[b, q, p] = values[b, p, q]
+
+    return transpose
+
+
+def _transpose(values: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(values.shape[0], values.shape[2], values.shape[1], dtype=values.dtype)
+    if values.shape[0]:
+        compiled(_make_transpose, values.shape[1], values.shape[2])(kernel_arg(values.detach()), out)
+    return out
 
 
 def transposed_values(W: BSR) -> torch.Tensor:
     """W's blocks as [nnz_blocks, bk, bn], so the kernel vectorises along the output.
 
-    Kept between calls while the values are unchanged: the copy costs 0.4 ms for
-    2048x2048 at 10% of 32x32 blocks (torch, one thread), a sixth of the 2.5 ms kernel.
-    During training it is redone once per optimizer step.
+    Kept between calls while the values are unchanged; during training it is redone
+    once per optimizer step. Our kernel rather than torch's strided copy: 2048 x 2048
+    at 10% (both threads), 120 us against 253 us for 32 x 32 blocks, 135 against 372
+    for 16 x 16, 97 against 381 for 8 x 8.
     """
-    return cached_on(W.values, "tvm_transposed", lambda v: v.transpose(1, 2).contiguous())
+    return cached_on(W.values, "tvm_transposed", _transpose)
 
 
 def bsr_linear(
