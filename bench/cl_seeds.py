@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
+import site
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -102,7 +104,12 @@ def main(argv=None) -> int:
     todo = [(name, settings, seed) for seed in args.seeds for name, settings in configs
             if (name, seed, json.dumps(settings, sort_keys=True)) not in finished]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    # Spawned, not forked: a forked child of a process that has run a TVM kernel waits
+    # forever on TVM's thread pool, whose workers do not survive fork (a test process).
+    # The worker finds this script's module (_run_one) on the path set up first.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=spawn, initializer=site.addsitedir,
+                             initargs=(str(Path(__file__).parent),)) as pool:
         futures = [pool.submit(_run_one, *job) for job in todo]
         for count, future in enumerate(as_completed(futures), 1):
             record = future.result()

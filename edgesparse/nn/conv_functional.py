@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..formats import BSR, BSRIndex
+from ._custom_ops import SparseOp
 from .functional import WeightGradMask, masked_weight_grad
 
 __all__ = ["sparse_conv2d"]
@@ -40,8 +41,7 @@ def _weight(values: Tensor, index: Sequence[Tensor], n: int, k: int) -> BSR:
     return BSR.from_index(values, BSRIndex(*index), (n, k))
 
 
-@torch.library.custom_op("edgesparse::sparse_conv2d", mutates_args=())
-def _sparse_conv2d(
+def _conv_impl(
     x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, bias: Optional[Tensor],
     kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
     grad_blocks: Optional[Tensor], grad_index: List[Tensor], grad_elements: Optional[Tensor],
@@ -49,39 +49,43 @@ def _sparse_conv2d(
     return _kernels().conv2d(x, _weight(values, index, n, k), bias, kernel_size, stride, padding, dilation)
 
 
-@_sparse_conv2d.register_fake
-def _(x, values, index, n, k, bias, kernel_size, stride, padding, dilation, grad_blocks, grad_index, grad_elements):
+def _conv_fake(x, values, index, n, k, bias, kernel_size, stride, padding, dilation, grad_blocks, grad_index, grad_elements):
     out_h, out_w = _kernels().output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     return x.new_empty((x.shape[0], n, out_h, out_w)).contiguous(memory_format=torch.channels_last)
+
+
+_sparse_conv2d = SparseOp("edgesparse::sparse_conv2d", _conv_impl, _conv_fake)
 
 
 # The backward ops take dy [B, C_out, OH, OW] as it comes: its rows [B*OH*OW, C_out] are
 # made inside, where torch.compile does not see them (a traced reshape would bake in the
 # traced gradient's strides, which the real one need not have).
-@torch.library.custom_op("edgesparse::sparse_conv2d_grad_input", mutates_args=())
-def _sparse_conv2d_grad_input(
+def _grad_input_impl(
     dy: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, x_shape: List[int],
     kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
 ) -> Tensor:
     return _kernels().conv2d_grad_input(dy, _weight(values, index, n, k), x_shape, kernel_size, stride, padding, dilation)
 
 
-@_sparse_conv2d_grad_input.register_fake
-def _(dy, values, index, n, k, x_shape, kernel_size, stride, padding, dilation):
+def _grad_input_fake(dy, values, index, n, k, x_shape, kernel_size, stride, padding, dilation):
     return dy.new_empty(x_shape)
 
 
-@torch.library.custom_op("edgesparse::sparse_conv2d_grad_weight", mutates_args=())
-def _sparse_conv2d_grad_weight(
+_sparse_conv2d_grad_input = SparseOp("edgesparse::sparse_conv2d_grad_input", _grad_input_impl, _grad_input_fake)
+
+
+def _grad_weight_impl(
     dy: Tensor, x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int,
     kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
 ) -> Tensor:
     return _kernels().conv2d_grad_weight(dy, x, _weight(values, index, n, k), kernel_size, stride, padding, dilation)
 
 
-@_sparse_conv2d_grad_weight.register_fake
-def _(dy, x, values, index, n, k, kernel_size, stride, padding, dilation):
+def _grad_weight_fake(dy, x, values, index, n, k, kernel_size, stride, padding, dilation):
     return torch.empty_like(values)
+
+
+_sparse_conv2d_grad_weight = SparseOp("edgesparse::sparse_conv2d_grad_weight", _grad_weight_impl, _grad_weight_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,17 +96,17 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (kernel_size, stride, padding, dilation)
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, eager: bool):
     x, values, grad_blocks, grad_elements, *indices = ctx.saved_tensors
     index, grad_index = indices[: ctx.index_len], indices[ctx.index_len :]
     needs_x, needs_values, *_, needs_bias = ctx.needs_input_grad[:6]
     n, k, geometry = ctx.n, ctx.k, ctx.geometry
     dx = dvalues = dbias = None
     if needs_x:
-        dx = _sparse_conv2d_grad_input(dy, values, index, n, k, ctx.x_shape, *geometry)
+        dx = _sparse_conv2d_grad_input.run(eager, dy, values, index, n, k, ctx.x_shape, *geometry)
     if needs_values:  # with gradient masking, only the mask's blocks are computed
         dvalues = masked_weight_grad(
-            lambda v, i: _sparse_conv2d_grad_weight(dy, x, v, i, n, k, *geometry),
+            lambda v, i: _sparse_conv2d_grad_weight.run(eager, dy, x, v, i, n, k, *geometry),
             values, index, grad_blocks, grad_index, grad_elements,
         )
     if needs_bias:
@@ -110,7 +114,7 @@ def _backward(ctx, dy):
     return dx, dvalues, [None] * len(index), None, None, dbias, None, None, None, None, None, [None] * len(grad_index), None
 
 
-torch.library.register_autograd("edgesparse::sparse_conv2d", _backward, setup_context=_setup_context)
+_sparse_conv2d.register_autograd(_backward, _setup_context)
 
 
 def _pair(value, name: str) -> List[int]:

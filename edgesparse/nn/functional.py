@@ -7,7 +7,9 @@ each op as one opaque node with a fake implementation and traces a training step
 without a graph break. The real implementations put a BSR view back together over the
 same tensors (:meth:`BSR.from_index`: no checks, no copies, no sorting; the index was
 built and validated once, by the module that owns it) and call the dispatching
-products of :mod:`edgesparse.ops`, which check the operands.
+products of :mod:`edgesparse.ops`, which check the operands. Eager calls run the same
+implementations and formula through a plain autograd.Function instead, without the
+custom-op layers (:mod:`._custom_ops`: a fifth of a training step).
 
 The autograd formula of ``edgesparse::bsr_linear`` writes each backward as another
 sparse product, and runs only those whose input asks for a gradient:
@@ -35,6 +37,7 @@ from torch import Tensor
 from .. import ops
 from ..formats import BSR, BSRIndex
 from ..kernels import dispatch
+from ._custom_ops import SparseOp
 
 __all__ = ["WeightGradMask", "sparse_linear"]
 
@@ -60,47 +63,48 @@ class WeightGradMask(NamedTuple):
     elements: Optional[Tensor] = None
 
 
-@torch.library.custom_op("edgesparse::bsr_linear", mutates_args=())
-def _bsr_linear(
+def _bsr_linear_impl(
     x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, bias: Optional[Tensor],
     grad_blocks: Optional[Tensor], grad_index: List[Tensor], grad_elements: Optional[Tensor],
 ) -> Tensor:
     return ops.bsr_linear(x, _weight(values, index, n, k), bias)
 
 
-@_bsr_linear.register_fake
-def _(x, values, index, n, k, bias, grad_blocks, grad_index, grad_elements):
+def _bsr_linear_fake(x, values, index, n, k, bias, grad_blocks, grad_index, grad_elements):
     return x.new_empty((*x.shape[:-1], n))
+
+
+_bsr_linear = SparseOp("edgesparse::bsr_linear", _bsr_linear_impl, _bsr_linear_fake)
 
 
 # The backward products take the backend the forward was asked to run on (None: automatic
 # choice). Autograd runs a CUDA graph's backward on its own device threads, which do not
 # see the caller's use_backend() context, so reading it there would silently switch
 # backends between forward and backward.
-@torch.library.custom_op("edgesparse::bsr_linear_grad_input", mutates_args=())
-def _bsr_linear_grad_input(
-    dy: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, backend: Optional[str]
-) -> Tensor:
+def _grad_input_impl(dy: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, backend: Optional[str]) -> Tensor:
     with _on(backend):
         return ops.bsr_linear_grad_input(dy, _weight(values, index, n, k))
 
 
-@_bsr_linear_grad_input.register_fake
-def _(dy, values, index, n, k, backend):
+def _grad_input_fake(dy, values, index, n, k, backend):
     return dy.new_empty((*dy.shape[:-1], k))
 
 
-@torch.library.custom_op("edgesparse::bsr_linear_grad_weight", mutates_args=())
-def _bsr_linear_grad_weight(
+_bsr_linear_grad_input = SparseOp("edgesparse::bsr_linear_grad_input", _grad_input_impl, _grad_input_fake)
+
+
+def _grad_weight_impl(
     dy: Tensor, x: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, backend: Optional[str]
 ) -> Tensor:
     with _on(backend):
         return ops.bsr_linear_grad_weight(dy, x, _weight(values, index, n, k)).values
 
 
-@_bsr_linear_grad_weight.register_fake
-def _(dy, x, values, index, n, k, backend):
+def _grad_weight_fake(dy, x, values, index, n, k, backend):
     return torch.empty_like(values)
+
+
+_bsr_linear_grad_weight = SparseOp("edgesparse::bsr_linear_grad_weight", _grad_weight_impl, _grad_weight_fake)
 
 
 def masked_weight_grad(grad_weight, values, index, grad_blocks, grad_index, grad_elements) -> Tensor:
@@ -125,16 +129,16 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = dispatch.requested_backend()
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, eager: bool):
     x, values, grad_blocks, grad_elements, *indices = ctx.saved_tensors
     index, grad_index = indices[: ctx.index_len], indices[ctx.index_len :]
     needs_x, needs_values, *_, needs_bias = ctx.needs_input_grad[:6]
     dx = dvalues = dbias = None
     if needs_x:
-        dx = _bsr_linear_grad_input(dy, values, index, ctx.n, ctx.k, ctx.backend)
+        dx = _bsr_linear_grad_input.run(eager, dy, values, index, ctx.n, ctx.k, ctx.backend)
     if needs_values:
         dvalues = masked_weight_grad(
-            lambda v, i: _bsr_linear_grad_weight(dy, x, v, i, ctx.n, ctx.k, ctx.backend),
+            lambda v, i: _bsr_linear_grad_weight.run(eager, dy, x, v, i, ctx.n, ctx.k, ctx.backend),
             values, index, grad_blocks, grad_index, grad_elements,
         )
     if needs_bias:
@@ -143,7 +147,7 @@ def _backward(ctx, dy):
     return dx, dvalues, [None] * len(index), None, None, dbias, None, [None] * len(grad_index), None
 
 
-torch.library.register_autograd("edgesparse::bsr_linear", _backward, setup_context=_setup_context)
+_bsr_linear.register_autograd(_backward, _setup_context)
 
 
 def sparse_linear(

@@ -4,7 +4,8 @@ A layer holds W = C·B as :class:`~edgesparse.pow2.Pow2Weight` does — C's code
 three to an int16 ``words`` entry on a fixed (group x 3) row pattern, and the ``basis``
 B — and its forward and both gradients run on the pow2 products, which read the packed
 codes, never a dense W. They are ``torch.library`` custom ops with fake
-implementations, so ``torch.compile`` traces them as single nodes.
+implementations, so ``torch.compile`` traces them as single nodes (eager calls skip the
+custom-op layers, see ``_custom_ops.py``).
 
 Parameters: ``basis`` [NB, G, 3, 3, group] and ``bias`` train by ordinary SGD; ``coef``
 [nnz_blocks, 3, group] holds C's decoded values, the straight-through handle of C: the
@@ -35,6 +36,7 @@ from ..kernels import dispatch
 from ..pow2 import ops as pow2_ops
 from ..pow2.decompose import decompose
 from ..pow2.format import DEFAULT_CHUNK_ROWS, DEFAULT_EXP_RANGE, DEFAULT_GROUP, Pow2Weight, check_exp_range, decode, encode, pack, unpack
+from ._custom_ops import SparseOp
 from .modules import _im2col, _supported_conv
 
 __all__ = ["Pow2Conv2d", "Pow2Linear", "Pow2Scheme", "bucket_switch_", "pow2_linear", "requantize_"]
@@ -48,8 +50,7 @@ def _on(backend: Optional[str]):
     return dispatch.use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
-@torch.library.custom_op("edgesparse::pow2_linear", mutates_args=())
-def _pow2_linear(
+def _pow2_linear_impl(
     x: Tensor, coef: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, bias: Optional[Tensor],
 ) -> Tensor:
@@ -57,14 +58,15 @@ def _pow2_linear(
     return pow2_ops.pow2_linear(x, _weight(words, basis, index, n, k, chunk_rows, e_min, e_max), bias)
 
 
-@_pow2_linear.register_fake
-def _(x, coef, words, basis, index, n, k, chunk_rows, e_min, e_max, bias):
+def _pow2_linear_fake(x, coef, words, basis, index, n, k, chunk_rows, e_min, e_max, bias):
     return x.new_empty((*x.shape[:-1], n))
 
 
+_pow2_linear = SparseOp("edgesparse::pow2_linear", _pow2_linear_impl, _pow2_linear_fake)
+
+
 # As in functional.py, the backward products run on the backend the forward was asked for.
-@torch.library.custom_op("edgesparse::pow2_linear_grad_input", mutates_args=())
-def _pow2_linear_grad_input(
+def _grad_input_impl(
     dy: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, backend: Optional[str],
 ) -> Tensor:
@@ -72,13 +74,14 @@ def _pow2_linear_grad_input(
         return pow2_ops.pow2_linear_grad_input(dy, _weight(words, basis, index, n, k, chunk_rows, e_min, e_max))
 
 
-@_pow2_linear_grad_input.register_fake
-def _(dy, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
+def _grad_input_fake(dy, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
     return dy.new_empty((*dy.shape[:-1], k))
 
 
-@torch.library.custom_op("edgesparse::pow2_linear_grad_weight", mutates_args=())
-def _pow2_linear_grad_weight(
+_pow2_linear_grad_input = SparseOp("edgesparse::pow2_linear_grad_input", _grad_input_impl, _grad_input_fake)
+
+
+def _grad_weight_impl(
     dy: Tensor, x: Tensor, words: Tensor, basis: Tensor, index: List[Tensor],
     n: int, k: int, chunk_rows: int, e_min: int, e_max: int, backend: Optional[str],
 ) -> Tuple[Tensor, Tensor]:
@@ -87,9 +90,11 @@ def _pow2_linear_grad_weight(
     return dC, dB
 
 
-@_pow2_linear_grad_weight.register_fake
-def _(dy, x, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
+def _grad_weight_fake(dy, x, words, basis, index, n, k, chunk_rows, e_min, e_max, backend):
     return dy.new_empty(words.shape[0], 3, words.shape[1]), torch.empty_like(basis)
+
+
+_pow2_linear_grad_weight = SparseOp("edgesparse::pow2_linear_grad_weight", _grad_weight_impl, _grad_weight_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,14 +105,14 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = dispatch.requested_backend()
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, eager: bool):
     x, words, basis, *index = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx = dcoef = dbasis = dbias = None
     if needs[0]:
-        dx = _pow2_linear_grad_input(dy, words, basis, index, *ctx.args, ctx.backend)
+        dx = _pow2_linear_grad_input.run(eager, dy, words, basis, index, *ctx.args, ctx.backend)
     if needs[1] or needs[3]:
-        dC, dB = _pow2_linear_grad_weight(dy, x, words, basis, index, *ctx.args, ctx.backend)
+        dC, dB = _pow2_linear_grad_weight.run(eager, dy, x, words, basis, index, *ctx.args, ctx.backend)
         dcoef = dC if needs[1] else None
         dbasis = dB if needs[3] else None
     if needs[10]:
@@ -115,7 +120,7 @@ def _backward(ctx, dy):
     return dx, dcoef, None, dbasis, [None] * len(index), None, None, None, None, None, dbias
 
 
-torch.library.register_autograd("edgesparse::pow2_linear", _backward, setup_context=_setup_context)
+_pow2_linear.register_autograd(_backward, _setup_context)
 
 
 def pow2_linear(x: Tensor, coef: Tensor, W: Pow2Weight, basis: Tensor, bias: Optional[Tensor] = None) -> Tensor:
