@@ -25,20 +25,20 @@ when M is small and W dominates the traffic.
 Threads split the block rows (filter groups): each owns its outputs, no atomics.
 
 Measured (``edgesparse bench`` pow2 rows, 2 quiet Zen 3 cores, x 8 x 2048, W 2048 x
-2048 with half of C's rows kept; two runs): against our fp32 BSR kernel on the same
-pattern 1.30x and 1.32x when every call reads its weight from DRAM (the bench's "cold"
-rows), 1.07x and 1.05x when the weight stays in the 32 MB L3; 2.9-3.3x torch dense;
-20x rebuilding W from C and B before F.linear. At M = 8 this kernel is compute-bound
-(0.9-1.1 ms, warm or cold): it reads 0.21 of the fp32 kernel's bytes, but every weight
+2048 with half of C's rows kept; three runs): against our fp32 BSR kernel on the same
+pattern 1.31-1.42x when every call reads its weight from DRAM (the bench's "cold" rows),
+but 0.65-0.68x when the weight stays in the 32 MB L3; 3.2-4.3x torch dense (cold);
+21-23x rebuilding W from C and B before F.linear. At M = 8 this kernel is compute-bound
+(0.8-1.0 ms, warm or cold): it reads 0.21 of the fp32 kernel's bytes, but every weight
 also costs a decode and 3 mixing multiply-adds, so its gain is what DRAM costs the fp32
-kernel (1.40 ms cold against 0.98 ms warm), not the byte ratio.
+kernel (1.3-1.4 ms cold against 0.5-0.6 ms warm), not the byte ratio.
 
 With more rows the product is compute-bound, and per element the in-register path does
 about twice the fp32 kernel's work (decode and mix, then the same FMAs): 0.61x the fp32
 BSR at M = 256. So from DECODE_ONCE_ROWS rows on, the kept blocks are decoded once per call instead
 (``decoded_blocks``) and the fp32 BSR kernel runs on them: W's packed codes are still all
 that is stored, and the extra pass costs what one fp32 BSR read of W does (M = 256:
-0.96x and 0.97x the fp32 BSR in the two runs above).
+0.96-0.99x the fp32 BSR in the runs above).
 """
 
 from __future__ import annotations
