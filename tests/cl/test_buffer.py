@@ -33,6 +33,31 @@ def test_every_example_is_kept_with_equal_probability():
     assert freq.min() > 0.13 and freq.max() < 0.37
 
 
+def test_batch_insertion_follows_the_reservoir_rule_example_by_example():
+    """Oracle: the textbook rule applied to one example at a time, with the same draws
+    (one uniform per offered example): the n-th goes to slot n - 1 while filling, else
+    to slot floor(u * n) if that is below the capacity; a later example overwrites."""
+    capacity, gen = 40, torch.Generator().manual_seed(3)
+    buf = ReservoirBuffer(capacity, 1, 3)
+    expected, seen = [None] * capacity, 0
+    for start in range(0, 400, 8):
+        values = list(range(start, start + 8))
+        draws = torch.rand(8, generator=_copy(gen))  # the draws add() is about to make
+        _offer(buf, values, gen)
+        for value, u in zip(values, draws):
+            seen += 1
+            slot = seen - 1 if seen <= capacity else int(u * seen)
+            if slot < capacity:
+                expected[slot] = value
+    assert buf.seen == 400 and buf.y.tolist() == expected
+
+
+def _copy(gen):
+    twin = torch.Generator()
+    twin.set_state(gen.get_state())
+    return twin
+
+
 def test_sample_draws_distinct_stored_examples():
     buf = ReservoirBuffer(5, 1, 3)
     gen = torch.Generator().manual_seed(1)
