@@ -19,10 +19,10 @@ SHAPE = (67, 131)  # N, K: 131 = 43 rows of 3 + 2 columns
 SMALL = (23, 40)  # for a group of 5 (many block rows: slow under the Triton interpreter)
 
 
-def make(gen, device, group=32, chunk_rows=8, density=0.5, empty_lines=False, shape=SHAPE):
+def make(gen, device, group=32, chunk_rows=8, density=0.5, empty_lines=False, shape=SHAPE, exp_range=(-7, 5)):
     nb, r = math.ceil(shape[0] / group), math.ceil(shape[1] / 3)
     mask = mask_with_empty_lines(nb, r, gen)[0] if empty_lines else random_mask(nb, r, density, gen)
-    return random_pow2_weight(shape, group, chunk_rows, mask, gen, device=device)
+    return random_pow2_weight(shape, group, chunk_rows, mask, gen, exp_range=exp_range, device=device)
 
 
 @pytest.mark.parametrize("group, rows", [(32, 1), (32, 37), (32, 70), (5, 8)])
@@ -56,9 +56,12 @@ def test_grad_weight_is_the_straight_through_gradient_of_C_and_the_gradient_of_B
     assert_close(dB, basis_layout(B64.grad, W), torch.float32, "dB")
 
 
-def test_decode_in_the_kernels_is_bit_exact(backend, device, gen):
-    """B = I per row and chunk, x = I: y[k, n] = W[n, k] = C's code value, exactly."""
-    W = make(gen, device, density=0.7, shape=SMALL)
+@pytest.mark.parametrize("exp_range", [(-7, 5), (-126, -112), (113, 127)])
+def test_decode_in_the_kernels_is_bit_exact(backend, device, gen, exp_range):
+    """B = I per row and chunk, x = I: y[k, n] = W[n, k] = C's code value, exactly. The
+    exponent ranges reach both ends of float32's normal numbers (the TVM decode scales
+    by 2^(e_min + 126), which past e_min = 1 takes two factors)."""
+    W = make(gen, device, density=0.7, shape=SMALL, exp_range=exp_range)
     eye_basis = torch.eye(3).reshape(1, 1, 3, 3, 1).expand_as(W.basis).contiguous().to(device)
     W = Pow2Weight.from_index(W.words, eye_basis, W.index, W.shape, W.chunk_rows, W.exp_range)
     expected, _, _ = dense_oracle(W)
@@ -71,7 +74,7 @@ def test_decode_in_the_kernels_is_bit_exact(backend, device, gen):
     assert torch.equal(y_many[SMALL[1]:].T.cpu(), expected32), "forward decode (many rows) differs from the code values"
     assert torch.equal(dx.cpu(), expected32), "grad-input decode differs from the code values"
     # the oracle itself is the definition, value by value
-    assert float(expected32.abs().max()) == max(abs(code_value(int(c), -7)) for c in W.codes.flatten().cpu())
+    assert float(expected32.abs().max()) == max(abs(code_value(int(c), exp_range[0])) for c in W.codes.flatten().cpu())
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
