@@ -134,6 +134,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
     settings["block"] = tuple(settings["block"]) if len(settings["block"]) == 2 else (settings["block"][0],) * 2
     for key in ("strategy", "lr", "momentum", "seed", "ddr_fraction", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
         settings[key] = getattr(args, key)
+    if args.init_gain is not None:
+        settings["init_gain"] = args.init_gain
     return settings
 
 
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=SPARSE_LR, help=f"SGD learning rate of the sparse runs (default {SPARSE_LR})")
     t.add_argument("--dense-lr", dest="dense_lr", type=float, default=None,
                    help=f"SGD learning rate of the dense run (default {DENSE_LR}; --quick: --lr)")
+    t.add_argument("--init-gain", dest="init_gain", type=float, default=None,
+                   help="hidden-to-hidden layers' initial weights x this, both runs (default: RunConfig's, 1.5; 1 = torch's default)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, both runs (default 0.9)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")

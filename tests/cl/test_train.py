@@ -80,6 +80,8 @@ def test_config_errors_are_named():
         RunConfig(lr=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         RunConfig(momentum=1.0)
+    with pytest.raises(ValueError, match="init_gain"):
+        RunConfig(init_gain=0.0)
 
 
 def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
@@ -95,6 +97,7 @@ def test_cli_quick_train_writes_results_and_resumes(tmp_path, capsys):
     sparse, dense = payload["runs"]
     assert sparse["flops_reduction"] == pytest.approx(dense["flops_total"] / sparse["flops_total"])
     assert sparse["config"]["lr"] == dense["config"]["lr"] == 0.06  # --quick: the dense run takes --lr
+    assert sparse["config"]["init_gain"] == dense["config"]["init_gain"]  # one initialisation for both
     assert len(sparse["acc_class_il"]) == 5 and sparse["sparse_density"] == pytest.approx(0.5, abs=0.05)
     # Resuming a finished invocation retrains nothing and reports the same figures.
     assert cli.main(["train", "--resume", str(out)]) == 0
@@ -116,6 +119,8 @@ def test_cli_train_rejects_bad_settings(tmp_path, capsys):
     assert "sparsity" in capsys.readouterr().err
     assert cli.main(["train", "--quick", "--dense-lr", "-1", "--out", str(tmp_path)]) == 2
     assert "lr must be positive" in capsys.readouterr().err
+    assert cli.main(["train", "--quick", "--init-gain", "0", "--out", str(tmp_path)]) == 2
+    assert "init_gain must be positive" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
 
 
