@@ -14,7 +14,7 @@ one output row, for M rows of x:
       decodes) once, plus 3·M for the product.
 (b) is cheaper for every M >= 2 (M = 8: 33 against 72) and reads the same bytes, so the
 kernel does (b): for each kept block it decodes the block's 3 x group codes into
-registers (integer ops, see _pow2.py), mixes them with the chunk's B — stored
+registers (integer ops and one multiply, see _pow2.py), mixes them with the chunk's B — stored
 [NB, G, 3, 3, group] so a vector over the group's output rows is contiguous — and feeds
 the 3 rebuilt W vectors to a register tile of ``rows`` x ``cols`` accumulators, as the
 fp32 BSR kernel (_block_rows.py) does with W read from memory. Per kept element it
