@@ -19,10 +19,10 @@ SHAPE = (67, 131)  # N, K: 131 = 43 rows of 3 + 2 columns
 SMALL = (23, 40)  # for a group of 5 (many block rows: slow under the Triton interpreter)
 
 
-def make(gen, device, group=32, chunk_rows=8, density=0.5, empty_lines=False, shape=SHAPE, exp_range=(-7, 5)):
+def make(gen, device, group=32, chunk_rows=8, density=0.5, empty_lines=False, shape=SHAPE, exp_range=(-7, 5), basis_scale=0.5):
     nb, r = math.ceil(shape[0] / group), math.ceil(shape[1] / 3)
     mask = mask_with_empty_lines(nb, r, gen)[0] if empty_lines else random_mask(nb, r, density, gen)
-    return random_pow2_weight(shape, group, chunk_rows, mask, gen, exp_range=exp_range, device=device)
+    return random_pow2_weight(shape, group, chunk_rows, mask, gen, exp_range=exp_range, basis_scale=basis_scale, device=device)
 
 
 @pytest.mark.parametrize("group, rows", [(32, 1), (32, 37), (32, 70), (5, 8)])
@@ -40,6 +40,19 @@ def test_forward_and_grad_input(backend, device, gen, group, rows):
         dx = pow2_linear_grad_input(dy, W)
     assert_close(y, to64(x) @ w64.T + to64(bias), torch.float32, "y")
     assert_close(dx, to64(dy) @ w64, torch.float32, "dx")
+
+
+def test_forward_with_a_basis_too_large_to_prescale(backend, device, gen):
+    """|B| up to 2^13: the TVM forward cannot fold all of 2^(e_min + 126) into B (it
+    overflows from 2^(2 - e_min) on) and applies the rest to the output."""
+    W = make(gen, device, basis_scale=2.0 ** 13)
+    assert float(W.basis.abs().max()) * 2.0 ** (W.exp_range[0] + 126) > torch.finfo(torch.float32).max
+    w64, _, _ = dense_oracle(W)
+    x = randn((11, SHAPE[1]), gen, device=device)
+    bias = randn((SHAPE[0],), gen, device=device)
+    with edgesparse.use_backend(backend):
+        y = pow2_linear(x, W, bias)
+    assert_close(y, to64(x) @ w64.T + to64(bias), torch.float32, "y")
 
 
 @pytest.mark.parametrize("group", [32, 5])

@@ -15,11 +15,21 @@ made the forward's 8 x 8 tile spill two accumulators to the stack. The forward's
 loop went from 102 to 91 instructions with no spills (generated assembly, Zen 3); its
 time moved within the shared machine's noise (M = 8, 2048 x 2048, cold weights, three
 alternating runs: 0.83-1.01 ms against 0.93-1.04 ms).
+
+The forward leaves the multiply out (``code_bits_expr``): it reads the basis scaled by
+2^(e_min + 126) once per weight (``scaled_basis``), so the mixing products c·(sB) are the
+reference's (c·s)·B exactly, one rounding of the same real number. The multiply out of
+the decode was 4% of the forward's time (see pow2_linear.py).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+
+import torch
+
+from ._runtime import cached_on
 
 # The float32 sign bit and a 4-bit exponent field at bits 23..26, as an int32.
 SIGN_AND_FIELD = 0x87800000 - (1 << 32)
@@ -35,15 +45,44 @@ def _power_of_two_factors(exponent: int):
     return factors + [2.0 ** exponent]
 
 
+def code_bits_expr(word, i: int):
+    """Code ``i`` (0, 1 or 2) of an int16 word expression (TensorIR) as the float32
+    (-1)^s · 2^(f - 127), or +0.0: its value divided by 2^(e_min + 126)."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret("float32", ((T.Cast("int32", word) << (27 - 5 * i)) >> 4) & T.int32(SIGN_AND_FIELD))
+
+
 def decode_expr(word, i: int, e_min: int):
     """The float32 value of code ``i`` (0, 1 or 2) of an int16 word expression (TensorIR)."""
     from tvm.script import tirx as T
 
-    bits = ((T.Cast("int32", word) << (27 - 5 * i)) >> 4) & T.int32(SIGN_AND_FIELD)
-    value = T.reinterpret("float32", bits)
+    value = code_bits_expr(word, i)
     for factor in _power_of_two_factors(e_min + 126):
         value = value * T.float32(factor)
     return value
+
+
+def scaled_basis(basis: torch.Tensor, e_min: int):
+    """(basis · 2^k, 2^(e_min + 126 - k)): the basis that turns ``code_bits_expr`` values
+    into the codes' products with B, and the factor left over for the product's output.
+
+    k is e_min + 126 unless the scaled basis would overflow (max |B| >= 2^(2 - e_min): 512
+    for the default range); the leftover factor is then applied to the output, which is
+    exact while the output's terms stay normal numbers. Cached per basis tensor and
+    version: a training step that changes B rescales it once."""
+    return cached_on(basis, f"pow2_scaled_basis_{e_min}", lambda b: _scale_basis(b, e_min))
+
+
+def _scale_basis(basis: torch.Tensor, e_min: int):
+    exponent = e_min + 126
+    largest = float(basis.abs().max()) if basis.numel() else 0.0
+    if 0.0 < largest < math.inf:
+        exponent = max(0, min(exponent, 127 - math.frexp(largest)[1]))  # largest < 2^frexp
+    scaled = basis
+    for factor in _power_of_two_factors(exponent):
+        scaled = scaled * factor
+    return scaled.contiguous(), 2.0 ** (e_min + 126 - exponent)
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every call, as heuristic_block_rows
