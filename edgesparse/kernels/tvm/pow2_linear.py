@@ -35,21 +35,21 @@ not help (the hardware prefetcher already follows the sequential words).
 
 Threads split the block rows (filter groups): each owns its outputs, no atomics.
 
-Measured (``edgesparse bench`` pow2 rows, 2 Zen 3 cores, the case above; three runs):
-against our fp32 BSR kernel on the same pattern 1.46-1.64x when every call reads its
-weight from DRAM (the bench's "cold" rows), 0.99x when the weight stays in the 32 MB L3;
-4.1-4.5x torch dense (cold); 24-27x rebuilding W from C and B before F.linear. At M = 8
-this kernel is compute-bound (0.72-0.89 ms, warm or cold): it reads 0.21 of the fp32
-kernel's bytes, but every weight also costs a decode and 3 mixing multiply-adds, so its
-gain is what DRAM costs the fp32 kernel (1.2-1.5 ms cold against 0.7 ms warm), not the
-byte ratio.
+Measured (``edgesparse bench`` pow2 rows, 2 Zen 3 cores, the case above; eight runs):
+against our fp32 BSR kernel on the same pattern 1.57x (1.43-1.75x) when every call reads
+its weight from DRAM (the bench's "cold" rows), 0.85x (0.70-0.99x) when the weight stays
+in the 32 MB L3; 4.1x torch dense (cold); 25x rebuilding W from C and B before F.linear.
+At M = 8 this kernel is compute-bound (0.75-0.89 ms, warm or cold): it reads 0.21 of the
+fp32 kernel's bytes, but every weight also costs a decode and 3 mixing multiply-adds, so
+its gain is what DRAM costs the fp32 kernel (1.2-1.5 ms cold against 0.6-0.8 ms warm),
+not the byte ratio.
 
 With more rows the product is compute-bound, and per element the in-register path does
 about twice the fp32 kernel's work (decode and mix, then the same FMAs): 0.61x the fp32
 BSR at M = 256. So from DECODE_ONCE_ROWS rows on, the kept blocks are decoded once per call instead
 (``decoded_blocks``) and the fp32 BSR kernel runs on them: W's packed codes are still all
 that is stored, and the extra pass costs what one fp32 BSR read of W does (M = 256:
-0.90-0.96x the fp32 BSR in the runs above).
+0.88-0.97x the fp32 BSR in the runs above).
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ from .schedule import Schedule, check_fits, heuristic_block_rows
 # instead of once per row tile in registers. Measured at 2048 x 2048, half the rows kept
 # (ms, in registers / decoded once / fp32 BSR): M = 32: 44 / 44 / 42; M = 64: 53 / 48 /
 # 46; M = 256: 106 / 69 / 71. At M = 8 the registers win by 2.5x (1.1 / 2.9 / 1.3).
+# Re-measured after the chunk walk made the registers' path faster (medians of 7, on a
+# busier machine): M = 32: 3.50 / 3.68 / 3.26; M = 64: 7.91 / 6.33 / 5.26; M = 128:
+# 18.3 / 10.8 / 9.7. The crossing is still between 32 and 64 rows.
 DECODE_ONCE_ROWS = 64
 
 
