@@ -75,6 +75,7 @@ def scaled_basis(basis: torch.Tensor, e_min: int):
 
 
 def _scale_basis(basis: torch.Tensor, e_min: int):
+    basis = basis.detach()  # the cache must not hold an autograd graph
     exponent = e_min + 126
     largest = float(basis.abs().max()) if basis.numel() else 0.0
     if 0.0 < largest < math.inf:
