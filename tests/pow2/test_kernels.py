@@ -44,7 +44,7 @@ def test_forward_and_grad_input(backend, device, gen, group, rows):
 
 def test_forward_with_a_basis_too_large_to_prescale(backend, device, gen):
     """|B| up to 2^13: the TVM forward cannot fold all of 2^(e_min + 126) into B (it
-    overflows from 2^(2 - e_min) on) and applies the rest to the output."""
+    would reach 2^127 from |B| = 2^(1 - e_min) on) and applies the rest to the output."""
     W = make(gen, device, basis_scale=2.0 ** 13)
     assert float(W.basis.abs().max()) * 2.0 ** (W.exp_range[0] + 126) > torch.finfo(torch.float32).max
     w64, _, _ = dense_oracle(W)

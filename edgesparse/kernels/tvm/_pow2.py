@@ -67,9 +67,9 @@ def scaled_basis(basis: torch.Tensor, e_min: int):
     """(basis · 2^k, 2^(e_min + 126 - k)): the basis that turns ``code_bits_expr`` values
     into the codes' products with B, and the factor left over for the product's output.
 
-    k is e_min + 126 unless the scaled basis would overflow (max |B| >= 2^(2 - e_min): 512
-    for the default range); the leftover factor is then applied to the output, which is
-    exact while the output's terms stay normal numbers. Cached per basis tensor and
+    k is e_min + 126 unless the scaled basis would reach 2^127 (max |B| >= 2^(1 - e_min):
+    256 for the default range); the leftover factor is then applied to the output, which
+    is exact while the output's terms stay normal numbers. Cached per basis tensor and
     version: a training step that changes B rescales it once."""
     return cached_on(basis, f"pow2_scaled_basis_{e_min}", lambda b: _scale_basis(b, e_min))
 
