@@ -35,14 +35,14 @@ not help (the hardware prefetcher already follows the sequential words).
 
 Threads split the block rows (filter groups): each owns its outputs, no atomics.
 
-Measured (``edgesparse bench`` pow2 rows, 2 Zen 3 cores, the case above; eight runs):
-against our fp32 BSR kernel on the same pattern 1.57x (1.43-1.75x) when every call reads
-its weight from DRAM (the bench's "cold" rows), 0.85x (0.70-0.99x) when the weight stays
-in the 32 MB L3; 4.1x torch dense (cold); 25x rebuilding W from C and B before F.linear.
-At M = 8 this kernel is compute-bound (0.75-0.89 ms, warm or cold): it reads 0.21 of the
-fp32 kernel's bytes, but every weight also costs a decode and 3 mixing multiply-adds, so
-its gain is what DRAM costs the fp32 kernel (1.2-1.5 ms cold against 0.6-0.8 ms warm),
-not the byte ratio.
+Measured (``edgesparse bench`` pow2 rows, 2 Zen 3 cores, the case above; twelve runs,
+medians): against our fp32 BSR kernel on the same pattern 1.53x (1.20-1.75x) when every
+call reads its weight from DRAM (the bench's "cold" rows), 0.87x (0.70-1.10x) when the
+weight stays in the 32 MB L3; 4.0x torch dense (cold); 25x rebuilding W from C and B
+before F.linear. At M = 8 this kernel is compute-bound (0.75-0.89 ms, warm or cold): it
+reads 0.21 of the fp32 kernel's bytes, but every weight also costs a decode and 3 mixing
+multiply-adds, so its gain is what DRAM costs the fp32 kernel (1.0-1.5 ms cold against
+0.6-0.9 ms warm), not the byte ratio.
 
 With more rows the product is compute-bound, and per element the in-register path does
 about twice the fp32 kernel's work (decode and mix, then the same FMAs): 0.61x the fp32
