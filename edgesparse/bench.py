@@ -117,8 +117,9 @@ _WARMUP_CALLS = 3
 _WARMUP_SECONDS = 0.05
 
 
-def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3) -> Dict[str, float]:
-    """Median seconds per call of each provider.
+def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3,
+                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
+    """Median seconds per call of each provider (``progress`` hears of each round done).
 
     Each round runs every provider in turn: a warm-up, then ``calls`` timed calls. The
     warm-up matters on a 2-core machine: torch's OpenMP workers and TVM's thread pool
@@ -127,7 +128,7 @@ def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int 
     torch dense: 57 ms settling to 23 ms), so the warm-up lasts at least 50 ms.
     """
     samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in fns.items():
             start, done = time.perf_counter(), 0
             while done < _WARMUP_CALLS or time.perf_counter() - start < _WARMUP_SECONDS:
@@ -137,6 +138,8 @@ def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int 
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)
+        if progress:
+            progress(f"  round {r + 1}/{rounds} done")
     return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
 
 

@@ -7,7 +7,7 @@ at the densities of ``DENSITIES`` (as the whole blocks they keep: the density st
 kept blocks / blocks, and an option keeping none is left out).
 
 - Latency of a candidate: the layer's forward + backward on the input it sees in the
-  model (``LayerTimer``: measured, all of a layer's candidates interleaved, medians),
+  model (``LayerTimer``: measured, every layer's candidates interleaved, medians),
   or any ``latency(layer, candidate, density) -> seconds`` given instead (tests
   inject one). The model's step latency is taken as the sum over its prunable layers
   plus a part no map changes.
@@ -190,35 +190,43 @@ Latency = Callable[[Layer, Candidate, float], float]
 class LayerTimer:
     """Measured latency of a layer's forward + backward under each candidate.
 
-    ``prepare(layer, cands)`` times all of a layer's candidates interleaved (dense, and
-    each block at ``_TIMED_DENSITIES``; ``bench._median_times``); a call then reads the
-    table, interpolating in density. Layers with equal signatures share measurements.
+    ``prepare([(layer, cands), ...])`` times every listed layer's candidates (dense, and
+    each block at ``_TIMED_DENSITIES``) in one interleaved run (``bench._median_times``):
+    each round runs every variant of every layer in turn. The search weighs one layer's
+    milliseconds against another's, so they must be measured under the same load: timed
+    layer by layer, a burst of load during one layer's turn once made the MLP's first
+    layer look dearer than the others, and the map put its density in the wrong layer
+    (predicted 36.8 ms against 24.5 in the runs before and after; the map measured
+    0.92x the best uniform one instead of 1.16x). A call then reads the table,
+    interpolating in density. Layers with equal signatures share measurements.
     """
 
     def __init__(self, rounds: int = 3, progress: Optional[Callable[[str], None]] = None, seed: int = 0):
         self.rounds, self.progress, self.seed = rounds, progress, seed
         self.table: Dict[tuple, float] = {}
 
-    def prepare(self, layer: Layer, cands: Sequence[Candidate]) -> None:
+    def prepare(self, work: Sequence[Tuple[Layer, Sequence[Candidate]]]) -> None:
         from ..bench import _median_times
 
-        sig = layer.signature()
-        todo = [(c, d) for c in cands for d in ((1.0,) if c.block is None else _TIMED_DENSITIES)
-                if (sig, c, d) not in self.table]
-        if not todo:
+        fns = {}
+        for layer, cands in work:
+            sig = layer.signature()
+            todo = [(c, d) for c in cands for d in ((1.0,) if c.block is None else _TIMED_DENSITIES)
+                    if (sig, c, d) not in self.table and (sig, c, d) not in fns]
+            if not todo:
+                continue
+            g = torch.Generator().manual_seed(self.seed)
+            x = torch.randn(layer.in_shape, generator=g).requires_grad_(layer.needs_input_grad)
+            dy = torch.randn(layer.module(x).shape, generator=g)
+            for c, d in todo:
+                module = layer.module if c.block is None else _sparse(layer, SparseScheme(c.block, d))
+                fns[(sig, c, d)] = fwd_bwd_fn(module, x, dy)
+        if not fns:
             return
         if self.progress:
-            self.progress(f"timing {layer.name} ({layer.kind} {layer.n}x{layer.k}, input {list(layer.in_shape)}): "
-                          f"{len(todo)} variants")
-        g = torch.Generator().manual_seed(self.seed)
-        x = torch.randn(layer.in_shape, generator=g).requires_grad_(layer.needs_input_grad)
-        dy = torch.randn(layer.module(x).shape, generator=g)
-        fns = {}
-        for c, d in todo:
-            module = layer.module if c.block is None else _sparse(layer, SparseScheme(c.block, d))
-            fns[(c, d)] = fwd_bwd_fn(module, x, dy)
-        for (c, d), seconds in _median_times(fns, self.rounds).items():
-            self.table[(sig, c, d)] = seconds
+            self.progress(f"timing {len(fns)} variants of {len({key[0] for key in fns})} distinct layers, "
+                          f"{self.rounds} rounds, all interleaved")
+        self.table.update(_median_times(fns, self.rounds, progress=self.progress))
 
     def __call__(self, layer: Layer, candidate: Candidate, density: float) -> float:
         sig = layer.signature()
@@ -253,13 +261,13 @@ class Choice:
 def options(layers: Sequence[Layer], energy: EnergyTable, latency: Latency,
             densities: Sequence[float] = DENSITIES) -> Dict[str, List[Choice]]:
     """Every (candidate, density) of every layer with its latency and kept energy."""
+    cands = {layer.name: candidates(layer) for layer in layers}
+    if hasattr(latency, "prepare"):
+        latency.prepare([(layer, cands[layer.name]) for layer in layers])
     out = {}
     for layer in layers:
-        cands = candidates(layer)
-        if hasattr(latency, "prepare"):
-            latency.prepare(layer, cands)
         choices = []
-        for c in cands:
+        for c in cands[layer.name]:
             for d in _effective(energy, layer.name, c, densities):
                 choices.append(Choice(c, d, latency(layer, c, d), energy.kept(layer.name, c, d)))
         out[layer.name] = choices
@@ -337,8 +345,7 @@ def uniform(layers: Sequence[Layer], energy: EnergyTable, latency: Latency, bloc
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if kept(mid) >= energy_target else (mid, hi)
     if hasattr(latency, "prepare"):
-        for layer in layers:
-            latency.prepare(layer, [cand])
+        latency.prepare([(layer, [cand]) for layer in layers])
     return {layer.name: Choice(cand, hi, latency(layer, cand, hi), energy.kept(layer.name, cand, hi)) for layer in layers}
 
 

@@ -216,3 +216,36 @@ def test_rules_skip_blocks_that_do_not_fit():
               "candidate": "block", "block": [32, 32], "density": 0.2}]
     layers = prunable_layers(MLP([16, 16, 4]), torch.randn(2, 16))
     assert apply_rules(layers, rules) == {"layers.0": None, "layers.1": None}
+
+
+def test_layer_timer_measures_every_layer_in_one_interleaved_run(monkeypatch):
+    """The search weighs one layer's time against another's, so all of them are timed
+    under the same load: one interleaved run, each (signature, candidate, density) once."""
+    import edgesparse.bench as bench
+    from edgesparse.pruning_maps import LayerTimer
+    from edgesparse.pruning_maps.mapper import _TIMED_DENSITIES
+
+    runs = []
+    real = bench._median_times
+
+    def spy(fns, rounds, **kwargs):
+        runs.append(set(fns))
+        return real(fns, rounds, **kwargs)
+
+    monkeypatch.setattr(bench, "_median_times", spy)
+    layers = prunable_layers(MLP([32, 32, 32, 32, 10]), torch.randn(4, 32))
+    cands = [DENSE, Candidate("block", (8, 8))]
+    timer = LayerTimer(rounds=1)
+    timer.prepare([(layer, cands) for layer in layers])
+    # layers.0 (input without gradient), layers.1 = layers.2, layers.3 (32 -> 10): 3 signatures
+    signatures = {layer.signature() for layer in layers}
+    assert len(signatures) == 3
+    expected = {(s, c, d) for s in signatures for c in cands for d in ((1.0,) if c.block is None else _TIMED_DENSITIES)}
+    assert runs == [expected]
+    assert set(timer.table) == expected and all(t > 0 for t in timer.table.values())
+    timer.prepare([(layers[1], cands)])  # measured already: no new run
+    assert len(runs) == 1
+    # Between the timed densities the latency is the straight line through them.
+    lo, hi = (timer.table[(layers[1].signature(), cands[1], d)] for d in _TIMED_DENSITIES)
+    middle = sum(_TIMED_DENSITIES) / 2
+    assert timer(layers[2], cands[1], middle) == pytest.approx((min(lo, hi) + hi) / 2)
