@@ -11,6 +11,13 @@ burst of load from other processes hits them alike. The winner is confirmed agai
 the heuristic in a final interleaved run; if it does not beat it there, the heuristic
 is recorded, so a tuned schedule is never knowingly slower than the untuned one.
 
+Interleaving evens out bursts, not load that lasts: while another job keeps a core busy,
+a schedule that needs one core beats one that needs both, and that choice loses on an
+idle machine (a grid tuned beside other jobs, recorded 1.149x the heuristic, rechecked
+at 0.947x on a quiet one; ``bench/tune_grid.py --recheck``). So local tuning measures
+how much CPU other processes used meanwhile (``OtherLoad``), stores it with the record
+and warns above ``BUSY_CORES``.
+
 Measurement is local (``LocalRunner``) or on another device through TVM's RPC
 (``RPCRunner``: a ``tvm.rpc`` server on the board, directly or through a tracker); the
 kernel is then compiled here for the target's LLVM triple and CPU and uploaded.
@@ -36,6 +43,9 @@ from .target import Target, vector_unit, versions
 from .tuning import OPS, ShapeClass, TuningDatabase, make_record
 
 DEFAULT_LAYER_BUDGET_S = 60.0
+# Cores' worth of CPU that other processes may use during local tuning before the result
+# is flagged: a quarter of a core is more than this machine's background when idle.
+BUSY_CORES = 0.25
 _UNROLLS = (1, 2, 4, 8)
 _GROUP = 6  # schedules built, then timed together against the best
 
@@ -147,10 +157,46 @@ def kernel_args(problem: Problem, seed: int = 0) -> List:
     return [a.contiguous().numpy() if isinstance(a, torch.Tensor) else a for a in args]
 
 
+def _cpu_busy_seconds() -> Optional[float]:
+    """CPU seconds every core has spent busy since boot, stolen time included
+    (``/proc/stat``), or None where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """``with OtherLoad() as load: ...``; then ``load.cores``: the CPU that other
+    processes (and the hypervisor, as stolen time) used during the block, in cores on
+    average over its wall time; None where it cannot be read."""
+
+    cores: Optional[float] = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (_cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own, wall = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+        if busy is not None and self._start[0] is not None and wall > self._start[2]:
+            others = (busy - self._start[0]) - (own - self._start[1])
+            self.cores = max(others, 0.0) / (wall - self._start[2])
+
+
 class LocalRunner:
     """Measures on this machine, in this process."""
 
     name = "local"
+    measures_here = True
 
     def __init__(self):
         import tvm
@@ -169,6 +215,8 @@ class LocalRunner:
 class RPCRunner:
     """Measures on a device running ``python -m tvm.exec.rpc_server`` (or a ``tvm.rpc.Server``),
     reached directly at host:port or, with ``key``, through the tracker at host:port."""
+
+    measures_here = False  # this machine's load says nothing about the device's
 
     def __init__(self, host: str, port: int, key: Optional[str] = None, session_timeout: float = 0):
         from tvm import rpc
@@ -225,6 +273,7 @@ class TuneResult:
     heuristic_s: float
     tried: int
     seconds: float
+    other_load: Optional[float] = None  # cores other processes used meanwhile (local runs)
 
     @property
     def speedup(self) -> float:
@@ -275,7 +324,15 @@ def tune_problem(problem: Problem, budget_s: float, runner=None, target: Optiona
     """Search ``problem``'s schedules within ``budget_s`` seconds, building and timing
     included (a build that takes far longer than the ones before may overrun it)."""
     runner = runner or LocalRunner()
-    target = target or Target.detect()
+    with OtherLoad() as load:
+        result = _search(problem, budget_s, runner, target or Target.detect(), rounds, seed, progress)
+    if getattr(runner, "measures_here", False):
+        result.other_load = load.cores
+    return result
+
+
+def _search(problem: Problem, budget_s: float, runner, target: Target, rounds: int, seed: int,
+            progress: bool) -> TuneResult:
     start = time.perf_counter()
     bar = _Progress(problem.label(), budget_s) if progress else None
     valid = candidates(problem)
@@ -360,6 +417,11 @@ def tune_layer(m: int, n: int, k: int, block: Tuple[int, int], density: float,
         share = max(deadline - time.perf_counter(), 0.0) / (len(ops) - i)
         results.append(tune_problem(Problem(op, m, n, k, tuple(block), density), share, runner, target,
                                     rounds=rounds, progress=progress))
+    busy = [r.other_load for r in results if r.other_load is not None and r.other_load > BUSY_CORES]
+    if busy:
+        print(f"edgesparse tune: other processes used {max(busy):.2f} cores while M={m} {n}x{k} was tuned; "
+              "schedules chosen under load may lose on an idle machine (tune again when it is quiet)",
+              file=sys.stderr, flush=True)
     if save:
         store(results, db or TuningDatabase(), target)
     return results
@@ -372,7 +434,7 @@ def store(results: Sequence[TuneResult], db: TuningDatabase, target: Target) -> 
         key, record = make_record(
             p.op, p.block, "float32", ShapeClass.of(p.m, p.n, p.k, p.density), target.fingerprint, versions(), r.best,
             time_s=r.best_s, heuristic_time_s=r.heuristic_s, heuristic=dataclasses.asdict(r.heuristic),
-            candidates_tried=r.tried, tuning_seconds=r.seconds,
+            candidates_tried=r.tried, tuning_seconds=r.seconds, other_load_cores=r.other_load,
         )
         records[key] = record
     db.merge(records)

@@ -127,3 +127,37 @@ def test_cli_tune_fills_the_database(tmp_path, capsys):
     assert "geometric mean" in capsys.readouterr().out
     assert main(["tune", "--layer", "8,32,48", "--ops", "backward", "--db", str(db)]) == 2
     assert TuningDatabase(db).load() == records
+
+
+def test_other_load_counts_other_processes_not_ours():
+    """A busy child process is other load; the same busy loop in this process is not."""
+    import subprocess
+    import sys
+    import time
+
+    from edgesparse.compiler.tuner import OtherLoad
+
+    spin = "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass"
+    with OtherLoad() as child:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    with OtherLoad() as own:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+    # The child kept a core busy for most of the block (its start-up included); our own
+    # loop is subtracted, so it counts a core less whatever else the machine runs.
+    assert child.cores > 0.6
+    assert own.cores < child.cores - 0.5
+
+
+def test_local_tuning_records_the_other_load(tmp_path, capsys, monkeypatch):
+    import edgesparse.compiler.tuner as tuner
+
+    db = TuningDatabase(tmp_path / "db.json")
+    results = tune_layer(16, 32, 32, (8, 8), 0.5, budget_s=2, ops=["forward"], db=db, progress=False, rounds=1)
+    assert results[0].other_load is not None and results[0].other_load >= 0
+    (record,) = db.load().values()
+    assert record["other_load_cores"] == results[0].other_load
+    monkeypatch.setattr(tuner, "BUSY_CORES", -1.0)  # any load at all counts as busy
+    tune_layer(16, 32, 32, (8, 8), 0.5, budget_s=2, ops=["forward"], save=False, progress=False, rounds=1)
+    assert "schedules chosen under load may lose on an idle machine" in capsys.readouterr().err
