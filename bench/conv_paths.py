@@ -19,7 +19,11 @@ a shared machine. --breakdown adds the direct path's three kernels.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# As the edgesparse commands do (cli.TIMED_COMMANDS); OpenMP reads it when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn

@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# As the edgesparse commands do (cli.TIMED_COMMANDS); OpenMP reads it when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 from torch import nn
 

@@ -22,10 +22,14 @@ while other jobs ran (recorded 1.149x) measured 0.947x, its M = 8 grad-input cho
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+# As the edgesparse commands do (cli.TIMED_COMMANDS); OpenMP reads it when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from edgesparse.compiler.files import atomic_write_json
 from edgesparse.compiler.target import Target

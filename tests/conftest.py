@@ -13,6 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernels are built in memory: storing each in the on-disk build cache costs ~0.7 s of
 # export per build, hundreds of builds here. tests/compiler/test_cache.py turns it on.
 os.environ.setdefault("EDGESPARSE_BUILD_CACHE", "0")
+# As the edgesparse commands run (see cli.TIMED_COMMANDS); read when torch loads, below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import zlib  # noqa: E402
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 import time
@@ -175,7 +176,8 @@ def _compare(args, model, example, include, pmap, result, others=None) -> None:
             configs[f"uniform {block[0]}x{block[1]} @ {d:.3f}"] = {
                 **{name: SparseScheme(block, d) for name in u}, "default": None}
     steps = {label: _step_fn(sparsify(copy.deepcopy(model), cfg), example, target) for label, cfg in configs.items()}
-    print(f"measuring training steps (batch {example.shape[0]}), {args.rounds} rounds interleaved ...", file=sys.stderr)
+    print(f"measuring training steps (batch {example.shape[0]}), {args.rounds} rounds interleaved, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} ...")
     times = _median_times(steps, args.rounds)
     energy = _energies(model, include, configs)
     base = times[next(iter(times))]

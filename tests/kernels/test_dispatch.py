@@ -6,7 +6,9 @@ cannot run falls back to reference; a backend asked for explicitly (EDGESPARSE_B
 use_backend, the context manager winning) raises BackendUnavailableError instead.
 """
 
+import importlib
 import sys
+import warnings
 
 import pytest
 import torch
@@ -206,4 +208,37 @@ def test_triton_rejects_float64(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, W, _ = problem(torch.float64)
     with edgesparse.use_backend("triton"), pytest.raises(BackendUnavailableError, match="triton"):
+        ops.bsr_linear(x, W)
+
+
+# ------------------------------------------------------------------ OpenMP wait policy
+@pytest.fixture
+def openmp_unchecked(monkeypatch):
+    """A process that has not yet run a TVM kernel, on two torch and two TVM threads."""
+    runtime = importlib.import_module("edgesparse.kernels.tvm._runtime")
+    monkeypatch.setattr(runtime, "_openmp_checked", False)
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_spinning_openmp_is_warned_about_once(monkeypatch, openmp_unchecked):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    x, W, ref = problem(torch.float32)
+    with pytest.warns(RuntimeWarning, match="OMP_WAIT_POLICY=PASSIVE"):
+        y = ops.bsr_linear(x, W)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.bsr_linear(x, W)
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
+def test_a_set_openmp_policy_is_not_warned_about(monkeypatch, openmp_unchecked, policy):
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    x, W, _ = problem(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ops.bsr_linear(x, W)

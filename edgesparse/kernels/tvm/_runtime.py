@@ -38,8 +38,35 @@ def compiled(make_prim_func: Callable, *params: Hashable):
     per process for each distinct ``params`` (block shape, knobs, flags)."""
     from ...compiler.target import cpu_target
 
+    if not _openmp_checked:
+        _warn_if_openmp_spins()
     key = (make_prim_func.__qualname__,) + params
     return _compile(key, make_prim_func, cpu_target())
+
+
+_openmp_checked = False
+
+
+def _warn_if_openmp_spins() -> None:
+    """Warn once per process when torch's OpenMP workers keep spinning after each op.
+
+    Without OMP_WAIT_POLICY they spin for milliseconds on the cores TVM's pool needs for
+    the next kernel. A forward of 2048 x 2048 at 30% took 6.4 ms after another kernel and
+    14.5 ms right after a torch matmul; the MLP map's training step took 42-53 ms against
+    29-31 ms with OMP_WAIT_POLICY=PASSIVE (the dense step ~200 ms under both). OpenMP
+    reads the variable when torch loads, so it cannot be changed from here."""
+    import os
+    import warnings
+
+    global _openmp_checked
+    _openmp_checked = True
+    if "OMP_WAIT_POLICY" not in os.environ and threads() > 1 and torch.get_num_threads() > 1:
+        warnings.warn(
+            "OMP_WAIT_POLICY is not set, so torch's OpenMP threads spin after every op on the cores that "
+            "edgesparse's TVM kernels run on: a sparse training step ran up to 1.7x slower. Set "
+            "OMP_WAIT_POLICY=PASSIVE in the environment before Python starts (the edgesparse train, bench, "
+            "map and tune commands set it themselves), or OMP_WAIT_POLICY=ACTIVE to keep the spinning "
+            "and silence this warning.", RuntimeWarning, stacklevel=3)
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
