@@ -96,10 +96,11 @@ def test_empty_block_rows_and_columns(backend, device, gen, block):
     check(backend, device, gen, block, RAGGED_SHAPE, mask)
 
 
-# 600 rows: the TVM kernel walks the batch in chunks of 256 rows, so two whole chunks and a tail.
+# 600 rows: the TVM kernel walks the batch in chunks of 256 rows (32 for blocks of 2048
+# entries or more), so whole chunks and a tail.
 @pytest.mark.parametrize("rows", [0, 1, 2, 600])
-def test_row_counts(backend, device, gen, rows):
-    block = (8, 4)
+@pytest.mark.parametrize("block", block_params([(8, 4), (32, 64)]))
+def test_row_counts(backend, device, gen, rows, block):
     check(backend, device, gen, block, RAGGED_SHAPE, random_mask(*grid(RAGGED_SHAPE, block), 0.3, gen), rows=rows)
 
 

@@ -5,9 +5,10 @@
 Threads split the nonzero blocks; the register tile is ``rows`` rows of the block by
 ``cols`` of its columns, vectorised over the columns, with dy broadcast. The dense
 N x K gradient is never formed, and nothing the size of the batch is allocated: each
-thread copies 256-row chunks of its block's slices of dy and x into two small buffers
-(or reads them in place when the block is one register tile), so the extra memory is
-the gradient itself at any batch (tests/nn/test_functional.py measures it).
+thread copies chunks of rows (``chunk_rows``) of its block's slices of dy and x into
+two small buffers (or reads them in place when the block is one register tile), so the
+extra memory is the gradient itself at any batch (tests/nn/test_functional.py
+measures it).
 
 An earlier version packed whole block-column panels [blocks, M, width] of dy and x
 first: M x (N + K) floats, 3.5x the nonzeros at M = 256 for 2048 x 2048 at 10%, and
@@ -23,12 +24,20 @@ from ._runtime import compiled, kernel_arg, placeholder, rows_operand, threads
 from .schedule import Schedule, check_fits, heuristic_grad_weight, tuned
 
 
-# Rows of dy and x copied per pass. Each of a block's (bn / rows) x (bk / cols) register
-# tiles walks the batch: walked whole, a 32 x 32 block of a conv at batch 32 on 32x32
-# pixels re-read 4 MiB of each operand 16 times and ran at 13 GFLOP/s a thread. 256
-# rows of two 32-wide slices (64 KiB) stay in L2 across the tiles: 10.1 -> 4.5 ms for
-# layer 1 of the 90%-pruned ResNet-18 (64 ch, M = 32768, 2 threads).
-CHUNK_ROWS = 256
+def chunk_rows(bn: int, bk: int) -> int:
+    """Rows of dy and x copied per pass. Each of a block's (bn / rows) x (bk / cols)
+    register tiles walks the batch: walked whole, a 32 x 32 block of a conv at batch 32
+    on 32x32 pixels re-read 4 MiB of each operand 16 times and ran at 13 GFLOP/s a
+    thread. 256 rows of two 32-wide slices (64 KiB) stay in L2 across the tiles: 10.1 ->
+    4.5 ms for layer 1 of the 90%-pruned ResNet-18 (64 ch, M = 32768, 2 threads).
+
+    Blocks of 2048 entries or more take 32 rows, whose slices (16 KiB at 64 x 64) stay in
+    L1 beside the block being summed. GFLOP/s at 256 / 32 rows, 2048 x 2048 at 10%, M =
+    256, three runs: 64 x 64 85 / 100, 61 / 78, 84 / 93; 32 x 64 88 / 92, 71 / 81,
+    80 / 83; 64 x 32 78 / 79, 72 / 78; 64 x 64 of a 2304-wide conv at M = 2048: 72 / 75,
+    69 / 74. Smaller blocks gained nothing beyond the noise (32 x 32: 68 / 71 and 80 /
+    81; 16 x 16: 60 / 61 and 56 / 52) and 8 x 16 lost (49 / 44)."""
+    return 32 if bn * bk >= 2048 else 256
 
 
 def _reads_in_place(bn: int, bk: int, sched: Schedule, gather: bool) -> bool:
@@ -44,6 +53,7 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule, gather: bool):
     from tvm.script import tirx as T
 
     RT, CT, UM = sched.rows, sched.cols, sched.unroll
+    CHUNK = chunk_rows(bn, bk)
     x_shape, x_at = rows_operand(gather)
     in_place = _reads_in_place(bn, bk, sched, gather)
 
@@ -129,15 +139,15 @@ def _make_grad_weight(bn: int, bk: int, sched: Schedule, gather: bool):
         # its blocks' chunks itself: a block row's dy slice is copied once per block of
         # the row, ~3% of the block's FMAs at 32 x 32.
         for t in T.parallel(NT):
-            dyc = T.alloc_buffer((CHUNK_ROWS if not in_place else 1, bn), "float32")
-            xc = T.alloc_buffer((CHUNK_ROWS if not in_place else 1, bk), "float32")
+            dyc = T.alloc_buffer((CHUNK if not in_place else 1, bn), "float32")
+            xc = T.alloc_buffer((CHUNK if not in_place else 1, bk), "float32")
             for b in T.serial(t * NNZ // NT, (t + 1) * NNZ // NT):
                 for r in T.serial(bn):
                     for c in T.vectorized(bk):
                         out[b, r, c] = T.float32(0)
-                for mc in T.serial(M // CHUNK_ROWS):
-                    chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, mc * CHUNK_ROWS, CHUNK_ROWS)
-                chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, M - M % CHUNK_ROWS, M % CHUNK_ROWS)
+                for mc in T.serial(M // CHUNK):
+                    chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, mc * CHUNK, CHUNK)
+                chunk(dy, x, row_base, col_off, dyc, xc, out, b, block_row[b], block_col[b], N, K, M - M % CHUNK, M % CHUNK)
 
     return grad_weight
 
