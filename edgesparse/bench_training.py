@@ -89,13 +89,19 @@ QUICK_CASES: Tuple[TrainingCase, ...] = (
 
 
 def _step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
-    """One training step: forward, cross-entropy, backward, plain SGD update."""
+    """One training step: forward, cross-entropy, backward, plain SGD update, and for
+    power-of-two layers SmartDeal's re-quantization of C (their update is not done without it)."""
+    from .nn.pow2 import _Pow2Layer, requantize_
+
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pow2 = any(isinstance(m, _Pow2Layer) for m in model.modules())
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), target).backward()
         optimizer.step()
+        if pow2:
+            requantize_(model)
     return step
 
 

@@ -126,7 +126,8 @@ def _map(args: argparse.Namespace) -> int:
     else:
         try:
             result = search_map(model, example, args.sparsity, fingerprint, include, progress=stderr_progress,
-                                reference_block=args.reference_block, layer_floor=args.layer_floor)
+                                reference_block=args.reference_block, layer_floor=args.layer_floor,
+                                pow2=args.pow2)
         except ValueError as err:
             print(f"edgesparse map: {err}", file=sys.stderr)
             return 2
@@ -139,7 +140,7 @@ def _map(args: argparse.Namespace) -> int:
     print(f"{args.method} map: retained energy {pmap.info['retained_energy']:.4f}, computed in {pmap.info['seconds']:.3f} s; "
           f"wrote {args.out}")
     for name, scheme in pmap.layers.items():
-        print(f"  {name:<24} {'dense' if scheme is None else f'{scheme.block[0]}x{scheme.block[1]} @ {scheme.density:.3f}'}")
+        print(f"  {name:<24} {_describe(scheme)}")
     if args.compare:
         if args.method == "search":
             _compare(args, model, example, include, pmap, result)
@@ -147,6 +148,17 @@ def _map(args: argparse.Namespace) -> int:
             others = {"searched map": source} if source.layers else {}
             _compare(args, model, example, include, pmap, None, others)
     return 0
+
+
+def _describe(scheme) -> str:
+    """'dense', '16x32 @ 0.300' or 'pow2 @ 0.100' (the kept fraction of C's row blocks)."""
+    from ..nn import Pow2Scheme
+
+    if scheme is None:
+        return "dense"
+    if isinstance(scheme, Pow2Scheme):
+        return f"pow2 @ {1.0 - scheme.sparsity:.3f}"
+    return f"{scheme.block[0]}x{scheme.block[1]} @ {scheme.density:.3f}"
 
 
 def _print_search(result) -> None:
@@ -187,21 +199,29 @@ def _compare(args, model, example, include, pmap, result, others=None) -> None:
 
 
 def _energies(model, include, configs) -> dict:
-    """Retained weight energy of each config over the prunable layers (a dense one keeps all)."""
+    """Retained weight energy, ||W||² - ||W - Ŵ||², of each config over the prunable
+    layers, Ŵ the weight each built layer computes with (a dense one keeps all)."""
     from torch import nn
 
-    from ..nn import SparseConv2d, SparseLinear, sparsify
+    from ..nn import Pow2Conv2d, Pow2Linear, SparseConv2d, SparseLinear, sparsify
+
+    def computed_weight(module):
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            return module.to_dense().weight
+        if isinstance(module, (Pow2Linear, Pow2Conv2d)):
+            return module.weight_pow2().to_dense()
+        return module.weight
 
     prunable = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and include(name)]
-    total = sum(float(model.get_submodule(name).weight.detach().double().pow(2).sum()) for name in prunable)
+    weights = {name: model.get_submodule(name).weight.detach().double() for name in prunable}
+    total = sum(float(w.pow(2).sum()) for w in weights.values())
     out = {}
     for label, cfg in configs.items():
         sparse = sparsify(copy.deepcopy(model), cfg)
         kept = 0.0
-        for name in prunable:
-            module = sparse.get_submodule(name)
-            weights = module.values if isinstance(module, (SparseLinear, SparseConv2d)) else module.weight
-            kept += float(weights.detach().double().pow(2).sum())
+        for name, w in weights.items():
+            approx = computed_weight(sparse.get_submodule(name)).detach().double().reshape(w.shape)
+            kept += float(w.pow(2).sum() - (w - approx).pow(2).sum())
         out[label] = kept / total if total else 1.0
     return out
 
@@ -234,6 +254,8 @@ def add_commands(sub) -> None:
     m.add_argument("--layer-floor", dest="layer_floor", type=float, default=0.0, metavar="F",
                    help="search: every layer keeps at least F x the budget's fraction of its own weight energy "
                         "(default 0: the global budget only, which may leave some layers nearly empty)")
+    m.add_argument("--no-pow2", dest="pow2", action="store_false",
+                   help="search: leave power-of-two weights out of the candidates (block pruning and dense only)")
     m.add_argument("--widths", default="2048,2048,2048,2048,10", help="mlp: layer widths (default 2048,...,10)")
     m.add_argument("--width", type=int, default=20, help="resnet18: base width (default 20, the reduced ResNet-18)")
     m.add_argument("--batch", type=int, default=None, help="batch (default: mlp 256, resnet18 32)")

@@ -297,6 +297,10 @@ class Pow2Scheme:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity <= 1:
             raise ValueError(f"Pow2Scheme.sparsity must be a number in [0, 1], got {self.sparsity!r}")
         object.__setattr__(self, "exp_range", check_exp_range(self.exp_range))
+        for name, least in (("group", 1), ("chunk_rows", 1), ("iterations", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Pow2Scheme.{name} must be an int >= {least}, got {value!r}")
 
     def build(self, module: nn.Module) -> nn.Module:
         layer = Pow2Conv2d if isinstance(module, nn.Conv2d) else Pow2Linear

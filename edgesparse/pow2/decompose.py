@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .format import DEFAULT_CHUNK_ROWS, DEFAULT_EXP_RANGE, DEFAULT_GROUP, Pow2Weight, check_exp_range, encode, quantize
 
-__all__ = ["Decomposition", "decompose", "sqnr_db"]
+__all__ = ["Decomposition", "decompose", "rounding_kept_energy", "sqnr_db"]
 
 
 class Decomposition(NamedTuple):
@@ -65,13 +65,44 @@ def _as_matrix(weight) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1)
 
 
-def _prune_mask(rows: torch.Tensor, group: int, sparsity: float) -> torch.Tensor:
-    """[NB, R] bool, True where a (group x 3) block of C is kept; rows [Np, R, 3]."""
-    scores = rows.abs().sum(-1).reshape(-1, group, rows.shape[1]).sum(1).flatten()
-    pruned = math.floor(sparsity * scores.numel() + 0.5)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    keep[torch.sort(scores, stable=True).indices[:pruned]] = False
-    return keep.reshape(-1, rows.shape[1])
+def _check_layout(group, chunk_rows) -> None:
+    for name, value in (("group", group), ("chunk_rows", chunk_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _layout(w: torch.Tensor, group: int, chunk_rows: int) -> Tuple[torch.Tensor, int]:
+    """(W as float64 [NB·group, G, chunk_rows, 3], zero-padded to whole blocks and
+    chunks; R, the rows of 3 that hold weights)."""
+    n, k = w.shape
+    r = math.ceil(k / 3)
+    nb, g = math.ceil(n / group), math.ceil(r / chunk_rows)
+    padded = torch.zeros(nb * group, g * chunk_rows * 3, dtype=torch.float64)
+    padded[:n, :k] = w.cpu().double()
+    return padded.reshape(nb * group, g, chunk_rows, 3), r
+
+
+def _rounding_scale(W: torch.Tensor) -> torch.Tensor:
+    """[.., 1, 1]: each (row, chunk)'s largest |weight| (1 where all are 0), so that
+    plain rounding's C = pow2(W / scale) has its largest entry at 2^0 (see step 2)."""
+    peak = W.abs().amax(dim=(-1, -2), keepdim=True)
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _pruning_order(W: torch.Tensor, group: int, r: int) -> torch.Tensor:
+    """C's (group x 3) row blocks, as indices into [NB·R], in the order pruning removes
+    them: by the L1 norm of W's rows, smallest first (on ties, the earlier block)."""
+    rows = W.reshape(W.shape[0], -1, 3)[:, :r]
+    scores = rows.abs().sum(-1).reshape(-1, group, r).sum(1).flatten()
+    return torch.sort(scores, stable=True).indices
+
+
+def _prune_mask(W: torch.Tensor, group: int, r: int, sparsity: float) -> torch.Tensor:
+    """[NB, R] bool, True where a (group x 3) block of C is kept."""
+    order = _pruning_order(W, group, r)
+    keep = torch.ones(order.numel(), dtype=torch.bool)
+    keep[order[:math.floor(sparsity * order.numel() + 0.5)]] = False
+    return keep.reshape(-1, r)
 
 
 def _fit_basis(C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -107,23 +138,16 @@ def decompose(
         raise ValueError(f"sparsity must be a number in [0, 1] (the fraction of C's row blocks to prune), got {sparsity!r}")
     sparsity = float(sparsity)
     exp_range = check_exp_range(exp_range)
-    for name, value in (("group", group), ("chunk_rows", chunk_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_layout(group, chunk_rows)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
     n, k = w.shape
-    r = math.ceil(k / 3)
-    nb, g = math.ceil(n / group), math.ceil(r / chunk_rows)
-    padded = torch.zeros(nb * group, g * chunk_rows * 3, dtype=torch.float64)
-    padded[:n, :k] = w.cpu().double()
-    rows = padded.reshape(nb * group, g * chunk_rows, 3)
-
-    keep = _prune_mask(rows[:, :r], group, sparsity)  # [NB, R]
+    W, r = _layout(w, group, chunk_rows)
+    nb, g = W.shape[0] // group, W.shape[1]
+    keep = _prune_mask(W, group, r, sparsity)  # [NB, R]
     row_mask = torch.zeros(nb, g * chunk_rows, dtype=torch.bool)
     row_mask[:, :r] = keep
     row_mask = row_mask.repeat_interleave(group, 0).reshape(nb * group, g, chunk_rows, 1).double()
-    W = rows.reshape(nb * group, g, chunk_rows, 3)
 
     def pow2(c):
         return quantize(c, exp_range, threshold) * row_mask
@@ -131,10 +155,9 @@ def decompose(
     def error(C, B):
         return float((C @ B - W).pow(2).sum())
 
-    peak = W.abs().amax(dim=(-1, -2))
-    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-    B = scale[..., None, None] * torch.eye(3, dtype=torch.float64)
-    C = pow2(W / scale[..., None, None])
+    scale = _rounding_scale(W)
+    B = scale * torch.eye(3, dtype=torch.float64)
+    C = pow2(W / scale)
     best = (error(C, B), C, B)
     done = 0
     for done in range(1, iterations + 1):
@@ -159,3 +182,29 @@ def decompose(
     col_indices = keep.nonzero()[:, 1]
     result = Pow2Weight(codes, basis, row_offsets, col_indices, (n, k), chunk_rows, exp_range).to(weight.device)
     return Decomposition(result, sqnr_db(w, result.to_dense()), done)
+
+
+def rounding_kept_energy(
+    weight: torch.Tensor, *, group: int = DEFAULT_GROUP, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    exp_range=DEFAULT_EXP_RANGE,
+) -> torch.Tensor:
+    """float64 [blocks + 1]: entry j is ||W||² - ||W - Ŵ||² for plain power-of-two
+    rounding (``decompose(..., iterations=0)``) keeping j of C's (group x 3) row blocks,
+    the j that ``decompose`` keeps; blocks = ceil(N / group)·ceil(K / 3).
+
+    One rounding serves every sparsity: the scale of a (row, chunk) is read before
+    pruning, so each block's error does not depend on which others are kept.
+
+    It is a lower bound on what ``decompose`` keeps at any ``iterations`` (up to B's
+    rounding to the weight's dtype): the alternation returns the best (C, B) it saw,
+    and plain rounding is the first it sees. The mapper uses it as power-of-two's
+    retained energy (``edgesparse.pruning_maps``).
+    """
+    w = _as_matrix(weight)
+    _check_layout(group, chunk_rows)
+    W, r = _layout(w, group, chunk_rows)
+    approx = _rounding_scale(W) * quantize(W / _rounding_scale(W), check_exp_range(exp_range))
+    gain = (W.square() - (W - approx).square()).reshape(W.shape[0], -1, 3)[:, :r].sum(-1)  # [NB·group, R]
+    gain = gain.reshape(-1, group, r).sum(1).flatten()
+    kept_last_first = gain[_pruning_order(W, group, r)].flip(0)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), kept_last_first.cumsum(0)])

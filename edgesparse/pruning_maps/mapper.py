@@ -1,19 +1,24 @@
 """Choosing each layer's pruning scheme from measured latency and an accuracy proxy.
 
 Per prunable layer the candidates are dense, block shapes from 1x4 to 64x64 (square
-and rectangular, those that fit the weight) and, for a conv, block-punched blocks
-(``f`` filters x ``c`` channels over every kernel position: block (f, c·kh·kw)), each
-at the densities of ``DENSITIES`` (as the whole blocks they keep: the density stored is
-kept blocks / blocks, and an option keeping none is left out).
+and rectangular, those that fit the weight), for a conv block-punched blocks (``f``
+filters x ``c`` channels over every kernel position: block (f, c·kh·kw)), and
+power-of-two weights (SmartDeal's W = C·B, :class:`~edgesparse.nn.Pow2Scheme`, whose
+kept rows of C form (32 x 3) blocks), each at the densities of ``DENSITIES`` (as the
+whole blocks they keep: the density stored is kept blocks / blocks, and an option
+keeping none is left out; power-of-two's sparsity is 1 - density).
 
 - Latency of a candidate: the layer's forward + backward on the input it sees in the
   model (``LayerTimer``: measured, every layer's candidates interleaved, medians),
   or any ``latency(layer, candidate, density) -> seconds`` given instead (tests
   inject one). The model's step latency is taken as the sum over its prunable layers
   plus a part no map changes.
-- Accuracy proxy: the weight energy (sum of squares) that magnitude block pruning
-  keeps, as ``BSR.from_dense`` keeps it (the ``round(d·blocks)`` blocks of largest L2
-  norm), as a fraction of the prunable layers' total energy.
+- Accuracy proxy: the weight energy a scheme keeps, ||W||² - ||W - Ŵ||², as a fraction
+  of the prunable layers' total energy. For block pruning that is the energy of the
+  blocks ``BSR.from_dense`` keeps (the ``round(d·blocks)`` of largest L2 norm); for
+  power-of-two it is that of plain power-of-two rounding
+  (``pow2.decompose.rounding_kept_energy``), a lower bound on what the decomposition
+  ``sparsify`` then runs keeps, so a map's budget holds for it too.
 - Search (``search``): minimise the summed latency subject to retained energy >= E, a
   multiple-choice knapsack solved exactly by dynamic programming over the energy each
   option loses (against its layer's most), in steps of 1/4096 of the largest keepable
@@ -34,14 +39,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..bench_training import fwd_bwd_fn
+from ..nn.pow2 import Pow2Scheme
 from ..nn.sparsify import SparseScheme
+from ..pow2.decompose import rounding_kept_energy
+from ..pow2.format import DEFAULT_GROUP
 from .pmap import PruningMap
 
 BLOCKS: Tuple[Tuple[int, int], ...] = (
@@ -89,14 +97,32 @@ class Layer:
 
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # "dense", "block" or "punched"
-    block: Optional[Tuple[int, int]] = None
+    kind: str  # "dense", "block", "punched" or "pow2"
+    block: Optional[Tuple[int, int]] = None  # for pow2: C's kept-row blocks, (group, 3)
 
     def label(self) -> str:
         return "dense" if self.block is None else f"{self.kind} {self.block[0]}x{self.block[1]}"
 
+    def scheme(self, density: float) -> Union[SparseScheme, Pow2Scheme, None]:
+        """What ``sparsify`` builds for this candidate at ``density`` (None: dense)."""
+        if self.block is None:
+            return None
+        if self.kind == "pow2":
+            return Pow2Scheme(sparsity=1.0 - density, group=self.block[0])
+        return SparseScheme(self.block, density)
+
 
 DENSE = Candidate("dense")
+POW2 = Candidate("pow2", (DEFAULT_GROUP, 3))
+
+
+def candidate_of(scheme: Union[SparseScheme, Pow2Scheme, None]) -> Tuple[Candidate, float]:
+    """(candidate, density) that ``scheme`` stands for; a block scheme counts as "block"."""
+    if scheme is None:
+        return DENSE, 1.0
+    if isinstance(scheme, Pow2Scheme):
+        return Candidate("pow2", (scheme.group, 3)), 1.0 - scheme.sparsity
+    return Candidate("block", scheme.block), scheme.density
 
 
 def prunable_layers(model: nn.Module, example: torch.Tensor, include: Optional[Callable[[str], bool]] = None
@@ -133,10 +159,13 @@ def prunable_layers(model: nn.Module, example: torch.Tensor, include: Optional[C
 
 
 def candidates(layer: Layer, blocks: Sequence[Tuple[int, int]] = BLOCKS,
-               punched: Sequence[Tuple[int, int]] = PUNCHED) -> List[Candidate]:
-    """Dense, every block of ``blocks`` no larger than the weight, and for a conv the
-    block-punched shapes whose filters and channels fit."""
+               punched: Sequence[Tuple[int, int]] = PUNCHED, pow2: bool = True) -> List[Candidate]:
+    """Dense, every block of ``blocks`` no larger than the weight, for a conv the
+    block-punched shapes whose filters and channels fit, and (``pow2``) power-of-two
+    weights when a group of C's rows fits."""
     out = [DENSE]
+    if pow2 and POW2.block[0] <= layer.n and POW2.block[1] <= layer.k:
+        out.append(POW2)
     out += [Candidate("block", b) for b in blocks if b[0] <= layer.n and b[1] <= layer.k]
     if layer.kind == "conv":
         kh, kw = layer.kernel
@@ -147,7 +176,8 @@ def candidates(layer: Layer, blocks: Sequence[Tuple[int, int]] = BLOCKS,
 
 
 class EnergyTable:
-    """Retained weight energy of magnitude block pruning, per layer, block and density."""
+    """Retained weight energy, per layer, candidate and density: of magnitude block
+    pruning, or of plain power-of-two rounding."""
 
     def __init__(self, layers: Sequence[Layer]):
         self.layers = {layer.name: layer for layer in layers}
@@ -155,27 +185,30 @@ class EnergyTable:
         # most of a rule map's time (0.5 s of 0.7 s for a 2048-wide MLP).
         self._squares = {layer.name: layer.weight2d().double().square() for layer in layers}
         self.totals = {name: float(sq.sum()) for name, sq in self._squares.items()}
-        self._sorted: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
+        self._kept_by_count: Dict[Tuple[str, Candidate], torch.Tensor] = {}  # kept[j]: j blocks kept
 
     @property
     def total(self) -> float:
         return sum(self.totals.values())
 
     def kept(self, name: str, candidate: Candidate, density: float) -> float:
-        """Sum of squares of the weights kept (all of them for dense)."""
+        """||W||² - ||W - Ŵ||² of the layer as ``candidate`` builds it at ``density``: the
+        sum of squares of the kept blocks for block pruning, all of it for dense."""
         if candidate.block is None:
             return self.totals[name]
-        key = (name, candidate.block)
-        if key not in self._sorted:
+        key = (name, candidate)
+        if key not in self._kept_by_count and candidate.kind == "pow2":
+            self._kept_by_count[key] = rounding_kept_energy(self.layers[name].weight2d(), group=candidate.block[0])
+        if key not in self._kept_by_count:
             sq = self._squares[name]
             bn, bk = candidate.block
             n, k = sq.shape
             if n % bn or k % bk:  # zero-pad to whole blocks (a copy, only when needed)
                 sq = torch.nn.functional.pad(sq, (0, -k % bk, 0, -n % bn))
             energies = sq.reshape(sq.shape[0] // bn, bn, -1, bk).sum(dim=(1, 3)).flatten()
-            self._sorted[key] = torch.cat([torch.zeros(1, dtype=torch.float64),
+            self._kept_by_count[key] = torch.cat([torch.zeros(1, dtype=torch.float64),
                                            energies.sort(descending=True).values.cumsum(0)])
-        cumulative = self._sorted[key]
+        cumulative = self._kept_by_count[key]
         return float(cumulative[self.keep(name, candidate.block, density)])
 
     def blocks(self, name: str, block: Tuple[int, int]) -> int:
@@ -221,8 +254,7 @@ class LayerTimer:
             x = torch.randn(layer.in_shape, generator=g).requires_grad_(layer.needs_input_grad)
             dy = torch.randn(layer.module(x).shape, generator=g)
             for c, d in todo:
-                module = layer.module if c.block is None else _sparse(layer, SparseScheme(c.block, d))
-                fns[(sig, c, d)] = fwd_bwd_fn(module, x, dy)
+                fns[(sig, c, d)] = fwd_bwd_fn(_timed_module(layer, c, d), x, dy)
         if not fns:
             return
         if self.progress:
@@ -242,9 +274,17 @@ class LayerTimer:
         return max(t0 + (t1 - t0) * (density - d0) / (d1 - d0), 0.05 * t0)
 
 
-def _sparse(layer: Layer, scheme: SparseScheme) -> nn.Module:
+def _timed_module(layer: Layer, candidate: Candidate, density: float) -> nn.Module:
+    """The layer as ``candidate`` builds it, for timing. A power-of-two layer is built by
+    plain rounding (``iterations=0``): its kernels' time depends on the pattern, not on
+    the values, and the decomposition would take 15-18 s per 2048 x 2048 weight."""
     from ..nn import SparseConv2d, SparseLinear
 
+    scheme = candidate.scheme(density)
+    if scheme is None:
+        return layer.module
+    if isinstance(scheme, Pow2Scheme):
+        return replace(scheme, iterations=0).build(layer.module)
     cls = SparseConv2d if layer.kind == "conv" else SparseLinear
     return cls.from_dense(layer.module, scheme.block, scheme.density)
 
@@ -256,14 +296,14 @@ class Choice:
     seconds: float
     energy: float  # kept sum of squares
 
-    def scheme(self) -> Optional[SparseScheme]:
-        return None if self.candidate.block is None else SparseScheme(self.candidate.block, self.density)
+    def scheme(self) -> Union[SparseScheme, Pow2Scheme, None]:
+        return self.candidate.scheme(self.density)
 
 
 def options(layers: Sequence[Layer], energy: EnergyTable, latency: Latency,
-            densities: Sequence[float] = DENSITIES) -> Dict[str, List[Choice]]:
+            densities: Sequence[float] = DENSITIES, pow2: bool = True) -> Dict[str, List[Choice]]:
     """Every (candidate, density) of every layer with its latency and kept energy."""
-    cands = {layer.name: candidates(layer) for layer in layers}
+    cands = {layer.name: candidates(layer, pow2=pow2) for layer in layers}
     if hasattr(latency, "prepare"):
         latency.prepare([(layer, cands[layer.name]) for layer in layers])
     out = {}
@@ -371,7 +411,7 @@ def derive_rules(layers: Sequence[Layer], choice: Dict[str, Choice]) -> List[dic
     return rules
 
 
-def apply_rules(layers: Sequence[Layer], rules: Sequence[dict]) -> Dict[str, Optional[SparseScheme]]:
+def apply_rules(layers: Sequence[Layer], rules: Sequence[dict]) -> Dict[str, Union[SparseScheme, Pow2Scheme, None]]:
     """Each layer's scheme from the nearest fitting rule of its type and kernel (None:
     dense, also when no rule fits): distance in log N, log K, log positions, input
     gradient and depth."""
@@ -382,7 +422,7 @@ def apply_rules(layers: Sequence[Layer], rules: Sequence[dict]) -> Dict[str, Opt
                 + abs(math.log(layer.out_positions / rule["positions"])) + (layer.needs_input_grad != rule["input_grad"])
                 + abs(depth - rule.get("depth", depth)))
 
-    out: Dict[str, Optional[SparseScheme]] = {}
+    out: Dict[str, Union[SparseScheme, Pow2Scheme, None]] = {}
     for i, layer in enumerate(layers):
         fitting = [r for r in rules if r["kind"] == layer.kind and tuple(r["kernel"]) == layer.kernel
                    and (r["block"] is None or (r["block"][0] <= layer.n and r["block"][1] <= layer.k))]
@@ -390,7 +430,8 @@ def apply_rules(layers: Sequence[Layer], rules: Sequence[dict]) -> Dict[str, Opt
             out[layer.name] = None
             continue
         rule = min(fitting, key=lambda r: distance(layer, i / last, r))
-        out[layer.name] = SparseScheme(tuple(rule["block"]), rule["density"]) if rule["block"] else None
+        block = tuple(rule["block"]) if rule["block"] else None
+        out[layer.name] = Candidate(rule["candidate"], block).scheme(rule["density"])
     return out
 
 
@@ -410,10 +451,12 @@ def _fraction(choice: Dict[str, Choice], energy: EnergyTable) -> float:
 def search_map(model: nn.Module, example: torch.Tensor, sparsity: float, target: str,
                include: Optional[Callable[[str], bool]] = None, latency: Optional[Latency] = None,
                reference_block: Tuple[int, int] = (16, 16), progress: Optional[Callable[[str], None]] = None,
-               layer_floor: float = 0.0) -> SearchResult:
+               layer_floor: float = 0.0, pow2: bool = True) -> SearchResult:
     """Search the map of least latency that keeps as much weight energy as every prunable
     layer at ``reference_block`` and density ``1 - sparsity`` would (the budget), and the
     uniform maps (one block everywhere) at the same energy to compare with.
+
+    ``pow2``: whether power-of-two weights are among the candidates.
 
     ``layer_floor``: each layer must also keep at least ``layer_floor`` x the budget's
     fraction of its own energy. The global budget alone lets the search starve layers
@@ -437,7 +480,7 @@ def search_map(model: nn.Module, example: torch.Tensor, sparsity: float, target:
         raise ValueError(f"layer_floor={layer_floor} asks every layer to keep {floor:.3g}x its energy; at most "
                          f"{energy.total / target_abs:.3g} is possible at sparsity {sparsity}")
     opts = {name: [c for c in cs if c.energy >= floor * energy.totals[name] * (1 - 1e-12)]
-            for name, cs in options(layers, energy, latency).items()}
+            for name, cs in options(layers, energy, latency, pow2=pow2).items()}
     choice = search(opts, target_abs)
     uniforms = {}
     for block in BLOCKS:
@@ -449,7 +492,7 @@ def search_map(model: nn.Module, example: torch.Tensor, sparsity: float, target:
         target, {name: c.scheme() for name, c in choice.items()}, None, rules,
         info={"method": "search", "sparsity": sparsity, "reference_block": list(reference_block),
               "energy_target": target_abs / energy.total, "retained_energy": _fraction(choice, energy),
-              "layer_floor": layer_floor,
+              "layer_floor": layer_floor, "pow2": pow2,
               "predicted_ms": 1e3 * sum(c.seconds for c in choice.values())},
         notes={name: {"kind": c.candidate.kind, "predicted_ms": 1e3 * c.seconds,
                       "retained_energy": c.energy / energy.totals[name]} for name, c in choice.items()},
@@ -464,8 +507,7 @@ def rule_map(model: nn.Module, example: torch.Tensor, rules: Sequence[dict], tar
     layers = prunable_layers(model, example[:1], include)
     schemes = apply_rules(layers, rules)
     energy = EnergyTable(layers)
-    kept = sum(energy.kept(layer.name, Candidate("block", s.block) if s else DENSE, s.density if s else 1.0)
-               for layer, s in ((layer, schemes[layer.name]) for layer in layers))
+    kept = sum(energy.kept(layer.name, *candidate_of(schemes[layer.name])) for layer in layers)
     return PruningMap(target, schemes, None, list(rules),
                       info={"method": "rule", "retained_energy": kept / energy.total if energy.total else 1.0})
 

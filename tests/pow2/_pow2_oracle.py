@@ -1,5 +1,6 @@
 """Independent helpers of the pow2 tests: random valid weights built by hand and their
-float64 dense reconstruction by loops over blocks (never Pow2Weight.to_dense)."""
+float64 dense reconstruction by loops over blocks (never Pow2Weight.to_dense); the rows
+that pruning keeps and plain power-of-two rounding, by their definitions."""
 
 from __future__ import annotations
 
@@ -84,3 +85,37 @@ def blocks_of_C(C_grad: torch.Tensor, W: Pow2Weight) -> torch.Tensor:
 def basis_layout(B: torch.Tensor, W: Pow2Weight) -> torch.Tensor:
     """[NB, G, 3, 3, group] from [NB*group, G, 3, 3]."""
     return B.reshape(W.block_rows, W.group, *B.shape[1:]).permute(0, 2, 3, 4, 1)
+
+
+def expected_keep(w, group, sparsity):
+    """Kept (block row, C row) pairs: L1 of W's rows of 3 summed over `group` output rows."""
+    n, k = w.shape
+    r = math.ceil(k / 3)
+    p = torch.zeros(math.ceil(n / group) * group, 3 * r, dtype=torch.float64)
+    p[:n, :k] = w.double()
+    scores = [(float(p[f * group:(f + 1) * group, 3 * j:3 * j + 3].abs().sum()), f * r + j)
+              for f in range(p.shape[0] // group) for j in range(r)]
+    pruned = math.floor(sparsity * len(scores) + 0.5)
+    dropped = {i for _, i in sorted(scores)[:pruned]}
+    return {(i // r, i % r) for i in range(len(scores)) if i not in dropped}
+
+
+def plain_pow2(w, keep, group, chunk_rows, exp_range=(-7, 5)):
+    """s·pow2(W / s) per (output row, chunk), s = the chunk's max |w|, on the same pattern."""
+    n, k = w.shape
+    out = torch.zeros(n, k, dtype=torch.float64)
+    for row in range(n):
+        for start in range(0, math.ceil(k / 3), chunk_rows):
+            cols = slice(3 * start, min(k, 3 * (start + chunk_rows)))
+            chunk = w[row, cols].double()
+            s = float(chunk.abs().max()) or 1.0
+            for c in range(cols.start, cols.stop):
+                if (row // group, c // 3) not in keep:
+                    continue
+                v = float(w[row, c]) / s
+                if abs(v) < 2.0 ** (exp_range[0] - 1) or v == 0:
+                    continue
+                lo = math.floor(math.log2(abs(v)))
+                e = lo + 1 if abs(v) >= 1.5 * 2.0**lo else lo
+                out[row, c] = math.copysign(2.0 ** min(max(e, exp_range[0]), exp_range[1]), v) * s
+    return out

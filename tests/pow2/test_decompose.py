@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from edgesparse.pow2 import decompose
+from edgesparse.pow2 import decompose, rounding_kept_energy
+from tests.pow2._pow2_oracle import expected_keep, plain_pow2
 
 GROUP = 8
 
@@ -27,40 +28,6 @@ def trained_like(n, k, gen):
 def sqnr(w, approx):
     w, approx = w.double(), approx.double()
     return 10 * math.log10(float(w.pow(2).sum()) / float((w - approx).pow(2).sum()))
-
-
-def expected_keep(w, group, sparsity):
-    """Kept (block row, C row) pairs: L1 of W's rows of 3 summed over `group` output rows."""
-    n, k = w.shape
-    r = math.ceil(k / 3)
-    p = torch.zeros(math.ceil(n / group) * group, 3 * r, dtype=torch.float64)
-    p[:n, :k] = w.double()
-    scores = [(float(p[f * group:(f + 1) * group, 3 * j:3 * j + 3].abs().sum()), f * r + j)
-              for f in range(p.shape[0] // group) for j in range(r)]
-    pruned = math.floor(sparsity * len(scores) + 0.5)
-    dropped = {i for _, i in sorted(scores)[:pruned]}
-    return {(i // r, i % r) for i in range(len(scores)) if i not in dropped}
-
-
-def plain_pow2(w, keep, group, chunk_rows, exp_range=(-7, 5)):
-    """s·pow2(W / s) per (output row, chunk), s = the chunk's max |w|, on the same pattern."""
-    n, k = w.shape
-    out = torch.zeros(n, k, dtype=torch.float64)
-    for row in range(n):
-        for start in range(0, math.ceil(k / 3), chunk_rows):
-            cols = slice(3 * start, min(k, 3 * (start + chunk_rows)))
-            chunk = w[row, cols].double()
-            s = float(chunk.abs().max()) or 1.0
-            for c in range(cols.start, cols.stop):
-                if (row // group, c // 3) not in keep:
-                    continue
-                v = float(w[row, c]) / s
-                if abs(v) < 2.0 ** (exp_range[0] - 1) or v == 0:
-                    continue
-                lo = math.floor(math.log2(abs(v)))
-                e = lo + 1 if abs(v) >= 1.5 * 2.0**lo else lo
-                out[row, c] = math.copysign(2.0 ** min(max(e, exp_range[0]), exp_range[1]), v) * s
-    return out
 
 
 def kept_pairs(W):
@@ -118,3 +85,30 @@ def test_sparsity_0_and_1(gen):
 def test_bad_arguments(weight, kwargs, error, match):
     with pytest.raises(error, match=match):
         decompose(weight, **kwargs)
+
+
+def test_rounding_kept_energy_against_plain_rounding_by_definition(gen):
+    """Entry j: the energy kept by plain rounding on the pattern that keeps j blocks."""
+    w = trained_like(20, 50, gen)  # ragged: 3 groups of 8 rows, 17 rows of 3 in chunks of 5
+    curve = rounding_kept_energy(w, group=GROUP, chunk_rows=5)
+    blocks = 3 * 17
+    assert curve.shape == (blocks + 1,) and curve.dtype == torch.float64
+    total = float(w.double().pow(2).sum())
+    for kept in (0, 1, 10, 26, 50, blocks):
+        sparsity = (blocks - kept) / blocks
+        approx = plain_pow2(w, expected_keep(w, GROUP, sparsity), GROUP, 5)
+        assert float(curve[kept]) == pytest.approx(total - float((w.double() - approx).pow(2).sum()), rel=1e-12, abs=1e-12)
+        # A lower bound on what the alternation keeps (float32 B: a relative 1e-6 of slack).
+        als = decompose(w, sparsity, group=GROUP, chunk_rows=5, iterations=20).weight.to_dense().double()
+        assert float(curve[kept]) <= (total - float((w.double() - als).pow(2).sum())) + 1e-6 * total
+
+
+def test_rounding_kept_energy_by_hand():
+    # Group 1, one row of 3 per chunk (its own scale, the row's largest |w|). Kept in
+    # the order of their L1 norms: [1 1 1] (3, exact: 3 kept), [1 .75 0] (1.75; .75
+    # rounds to 1, an error of .0625: 1 + .5625 - .0625 kept), [.5 .5 .5] (1.5, exact).
+    w = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [1.0, 0.75, 0.0]])
+    curve = rounding_kept_energy(w, group=1, chunk_rows=1)
+    assert curve.tolist() == pytest.approx([0.0, 3.0, 4.5, 5.25])
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        rounding_kept_energy(w, chunk_rows=0)

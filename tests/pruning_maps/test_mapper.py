@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from edgesparse.models import MLP
-from edgesparse.nn import SparseLinear, sparsify
+from edgesparse.nn import Pow2Linear, Pow2Scheme, SparseLinear, SparseScheme, sparsify
 from edgesparse.pruning_maps import (
     Candidate, EnergyTable, apply_rules, candidates, derive_rules, prunable_layers, rule_map, search, search_map,
 )
-from edgesparse.pruning_maps.mapper import DENSE, options
+from edgesparse.pruning_maps.mapper import DENSE, POW2, options
 from tests._oracle import masked_dense, top_blocks_mask
+from tests.pow2._pow2_oracle import expected_keep, plain_pow2
 
 FP = "x86_64-test-2c"
 
@@ -45,6 +46,21 @@ def test_energy_table_matches_the_masked_dense_oracle():
     assert table.kept("0", DENSE, 1.0) == pytest.approx(table.total)
 
 
+def test_pow2_energy_is_plain_roundings_by_definition():
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(37, 40))  # 2 groups of 32 rows (the second ragged), 13 rows of 3
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(40, 37, generator=g))
+    table = EnergyTable(prunable_layers(model, torch.randn(4, 37)))
+    w = model[0].weight.detach()
+    assert table.blocks("0", POW2.block) == 2 * 13
+    for density in (1 / 26, 0.5, 1.0):
+        approx = plain_pow2(w, expected_keep(w, 32, 1.0 - density), 32, 192)
+        expected = table.total - float((w.double() - approx).pow(2).sum())
+        assert table.kept("0", POW2, density) == pytest.approx(expected, rel=1e-12)
+    assert table.kept("0", POW2, 0.0) == 0.0
+
+
 def test_candidates_fit_the_layer_and_punch_convs():
     model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.Flatten(), nn.Linear(12 * 4 * 4, 20))
     layers = prunable_layers(model, torch.randn(2, 6, 4, 4))
@@ -58,6 +74,9 @@ def test_candidates_fit_the_layer_and_punch_convs():
     punched = [c.block for c in candidates(conv) if c.kind == "punched"]
     assert punched == [(4, 18), (8, 36)]  # 16 filters do not fit 12 output channels
     assert not any(c.kind == "punched" for c in candidates(linear))
+    assert POW2 not in candidates(conv) + candidates(linear)  # a group of C's rows is 32 outputs
+    wide = prunable_layers(nn.Sequential(nn.Linear(3, 32)), torch.randn(2, 3))[0]
+    assert POW2 in candidates(wide) and POW2 not in candidates(wide, pow2=False)
 
 
 def _injected(fast):
@@ -211,6 +230,35 @@ def test_rules_reproduce_the_search_and_transfer_fast():
     assert isinstance(sparse.layers[1], SparseLinear) and sparse.layers[1].block == (32, 16)
 
 
+def test_search_maps_pow2_where_it_is_fastest_and_rules_carry_it():
+    model = _equal_energy_mlp([64, 64, 64, 64])
+    example = torch.randn(3, 64)
+    layers = prunable_layers(model, example)
+    fast = {"layers.0": (8, 8), "layers.1": POW2.block, "layers.2": (32, 16)}
+    result = search_map(model, example, 0.5, FP, latency=_injected(fast))
+    chosen = result.pmap.layers["layers.1"]
+    assert isinstance(chosen, Pow2Scheme) and chosen.sparsity == pytest.approx(1.0 - result.choice["layers.1"].density)
+    assert result.pmap.layers["layers.0"].block == (8, 8) and result.pmap.layers["layers.2"].block == (32, 16)
+    assert result.pmap.info["retained_energy"] >= result.energy_target - 1e-12
+    without = search_map(model, example, 0.5, FP, latency=_injected(fast), pow2=False)
+    assert all(isinstance(s, SparseScheme) for s in without.pmap.layers.values())
+
+    # Rules carry the choice to the same layers and to a new model's nearest layer.
+    assert apply_rules(layers, result.pmap.rules) == dict(result.pmap.layers)
+    new = MLP([128, 128, 128, 10])
+    pmap = rule_map(new, torch.randn(2, 128), result.pmap.rules, FP)
+    assert isinstance(pmap.layers["layers.1"], Pow2Scheme)
+    w = new.layers[1].weight.detach().double()
+    new_layers = prunable_layers(new, torch.randn(2, 128))
+    rounded = EnergyTable(new_layers).kept("layers.1", POW2, 1.0 - pmap.layers["layers.1"].sparsity)
+    sparse = sparsify(new, pmap)
+    assert isinstance(sparse.layers[1], Pow2Linear)
+    # The map counts the layer's energy as plain rounding keeps it: a lower bound on what
+    # the decomposition sparsify ran keeps.
+    built = float(w.pow(2).sum() - (w - sparse.layers[1].weight_pow2().to_dense().detach().double()).pow(2).sum())
+    assert 0 < rounded <= built * (1 + 1e-6)
+
+
 def test_rules_skip_blocks_that_do_not_fit():
     rules = [{"kind": "linear", "kernel": [1, 1], "n": 64, "k": 64, "positions": 1, "input_grad": True,
               "candidate": "block", "block": [32, 32], "density": 0.2}]
@@ -249,3 +297,11 @@ def test_layer_timer_measures_every_layer_in_one_interleaved_run(monkeypatch):
     lo, hi = (timer.table[(layers[1].signature(), cands[1], d)] for d in _TIMED_DENSITIES)
     middle = sum(_TIMED_DENSITIES) / 2
     assert timer(layers[2], cands[1], middle) == pytest.approx((min(lo, hi) + hi) / 2)
+
+    # Power-of-two: the layer is timed as a Pow2Linear keeping that fraction of C's row blocks.
+    from edgesparse.pruning_maps.mapper import _timed_module
+
+    timed = _timed_module(layers[1], POW2, 0.4)
+    assert isinstance(timed, Pow2Linear) and timed.sparsity == pytest.approx(0.6)
+    timer.prepare([(layers[1], [POW2])])
+    assert all(timer.table[(layers[1].signature(), POW2, d)] > 0 for d in _TIMED_DENSITIES)
