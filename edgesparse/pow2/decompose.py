@@ -186,11 +186,13 @@ def decompose(
 
 def rounding_kept_energy(
     weight: torch.Tensor, *, group: int = DEFAULT_GROUP, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    exp_range=DEFAULT_EXP_RANGE,
+    exp_range=DEFAULT_EXP_RANGE, importance: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """float64 [blocks + 1]: entry j is ||W||² - ||W - Ŵ||² for plain power-of-two
     rounding (``decompose(..., iterations=0)``) keeping j of C's (group x 3) row blocks,
-    the j that ``decompose`` keeps; blocks = ceil(N / group)·ceil(K / 3).
+    the j that ``decompose`` keeps; blocks = ceil(N / group)·ceil(K / 3). With
+    ``importance`` (>= 0, the weight's shape) every square is weighted by it:
+    sum(importance·(W² - (W - Ŵ)²)).
 
     One rounding serves every sparsity: the scale of a (row, chunk) is read before
     pruning, so each block's error does not depend on which others are kept.
@@ -204,7 +206,12 @@ def rounding_kept_energy(
     _check_layout(group, chunk_rows)
     W, r = _layout(w, group, chunk_rows)
     approx = _rounding_scale(W) * quantize(W / _rounding_scale(W), check_exp_range(exp_range))
-    gain = (W.square() - (W - approx).square()).reshape(W.shape[0], -1, 3)[:, :r].sum(-1)  # [NB·group, R]
+    gain = W.square() - (W - approx).square()
+    if importance is not None:
+        if importance.shape != weight.shape:
+            raise ValueError(f"importance must have the weight's shape {tuple(weight.shape)}, got {tuple(importance.shape)}")
+        gain = gain * _layout(importance.detach().reshape(w.shape), group, chunk_rows)[0]
+    gain = gain.reshape(W.shape[0], -1, 3)[:, :r].sum(-1)  # [NB·group, R]
     gain = gain.reshape(-1, group, r).sum(1).flatten()
     kept_last_first = gain[_pruning_order(W, group, r)].flip(0)
     return torch.cat([torch.zeros(1, dtype=torch.float64), kept_last_first.cumsum(0)])

@@ -3,12 +3,12 @@ measured on the target and the weight energy each choice keeps (see ``mapper.py`
 
 from .mapper import (
     BLOCKS, DENSITIES, PUNCHED, Candidate, EnergyTable, LayerTimer, apply_rules, candidates, derive_rules,
-    prunable_layers, rule_map, search, search_map, uniform,
+    fisher_importance, prunable_layers, rule_map, search, search_map, uniform,
 )
 from .pmap import SCHEMA_VERSION, PruningMap, PruningMapError
 
 __all__ = [
     "BLOCKS", "DENSITIES", "PUNCHED", "SCHEMA_VERSION", "Candidate", "EnergyTable", "LayerTimer", "PruningMap",
-    "PruningMapError", "apply_rules", "candidates", "derive_rules", "prunable_layers", "rule_map", "search",
-    "search_map", "uniform",
+    "PruningMapError", "apply_rules", "candidates", "derive_rules", "fisher_importance", "prunable_layers",
+    "rule_map", "search", "search_map", "uniform",
 ]

@@ -11,7 +11,8 @@ from torch import nn
 from edgesparse.models import MLP
 from edgesparse.nn import Pow2Linear, Pow2Scheme, SparseLinear, SparseScheme, sparsify
 from edgesparse.pruning_maps import (
-    Candidate, EnergyTable, apply_rules, candidates, derive_rules, prunable_layers, rule_map, search, search_map,
+    Candidate, EnergyTable, apply_rules, candidates, derive_rules, fisher_importance, prunable_layers, rule_map, search,
+    search_map,
 )
 from edgesparse.pruning_maps.mapper import DENSE, POW2, options
 from tests._oracle import masked_dense, top_blocks_mask
@@ -305,3 +306,89 @@ def test_layer_timer_measures_every_layer_in_one_interleaved_run(monkeypatch):
     assert isinstance(timed, Pow2Linear) and timed.sparsity == pytest.approx(0.6)
     timer.prepare([(layers[1], [POW2])])
     assert all(timer.table[(layers[1].signature(), POW2, d)] > 0 for d in _TIMED_DENSITIES)
+
+
+def test_fisher_importance_is_the_sum_of_per_sample_squared_gradients():
+    """One sample per micro-batch: the exact empirical Fisher, here by hand for a
+    linear classifier, whose per-sample gradient is (softmax(Wx + b) - onehot(y)) x^T."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 4))
+    x, y = torch.randn(5, 6, generator=g), torch.tensor([0, 3, 1, 1, 2])
+    layers = prunable_layers(model, x)
+    fisher = fisher_importance(model, layers, x, y, micro_batches=5)
+    w, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    expected = torch.zeros(4, 6, dtype=torch.float64)
+    for xi, yi in zip(x.double(), y):
+        residual = torch.softmax(w @ xi + b, 0) - torch.nn.functional.one_hot(yi, 4).double()
+        expected += torch.outer(residual, xi).square()
+    assert torch.allclose(fisher["0"], expected, rtol=1e-5, atol=1e-9)
+    # Fewer micro-batches: squares of summed gradients, still >= 0 and of the same shape.
+    assert fisher_importance(model, layers, x, y, micro_batches=1)["0"].shape == (4, 6)
+
+
+def test_fisher_importance_leaves_batchnorm_alone_and_rejects_bad_calibration():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = torch.randn(10, 6), torch.randint(3, (10,))
+    layers = prunable_layers(model, x)
+    before = model[1].running_mean.clone()
+    fisher_importance(model, layers, x, y)
+    assert torch.equal(model[1].running_mean, before)
+    with pytest.raises(ValueError, match="one entry per input sample: 10 inputs, 9 targets"):
+        fisher_importance(model, layers, x, y[:9])
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+        fisher_importance(model, layers, x, y, micro_batches=0)
+    with pytest.raises(TypeError, match="must be tensors"):
+        fisher_importance(model, layers, x, y.tolist())
+    with pytest.raises(ValueError, match="zero gradient for every prunable layer"):
+        fisher_importance(model, layers, x, y, loss_fn=lambda out, t: 0.0 * out.sum())
+
+
+def test_weighted_energy_keeps_the_magnitude_pattern_and_weighs_it():
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(37, 40))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(40, 37, generator=g))
+    layers = prunable_layers(model, torch.randn(2, 37))
+    importance = torch.rand(40, 37, generator=g, dtype=torch.float64)
+    table = EnergyTable(layers, {"0": importance})
+    w = model[0].weight.detach()
+    assert table.total == pytest.approx(float((w.double().square() * importance).sum()))
+    for block, density in [((8, 8), 0.3), ((4, 16), 0.5), ((1, 4), 0.1)]:
+        kept = masked_dense(w, top_blocks_mask(w, block, density), block).double()
+        assert table.kept("0", Candidate("block", block), density) == pytest.approx(
+            float((kept.square() * importance).sum()), rel=1e-12)
+    approx = plain_pow2(w, expected_keep(w, 32, 0.5), 32, 192)
+    expected = float(((w.double().square() - (w.double() - approx).square()) * importance).sum())
+    assert table.kept("0", POW2, 0.5) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="importance\\['0'\\] must be >= 0 with the weight's shape"):
+        EnergyTable(layers, {"0": importance[:, :3]})
+    with pytest.raises(ValueError, match="not one of the prunable layers"):
+        EnergyTable(layers, {"1": importance})
+
+
+class _TwoBranches(nn.Module):
+    """head(relu(a(x)) + 0·b(x)): b's weights do not reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + 0.0 * self.b(x))
+
+
+def test_calibrated_search_spends_the_budget_where_the_loss_feels_it():
+    torch.manual_seed(5)
+    model = _TwoBranches()
+    x, y = torch.randn(32, 64), torch.randint(4, (32,))
+    branches = lambda name: name in ("a", "b")  # noqa: E731
+    latency = _injected({"a": (16, 16), "b": (16, 16)})
+    plain = search_map(model, x, 0.5, FP, include=branches, latency=latency, pow2=False)
+    weighted = search_map(model, x, 0.5, FP, include=branches, latency=latency, pow2=False, calibration=(x, y))
+    # Plain energy: the equal branches share the budget. Weighted: b's weights are worth
+    # nothing to the loss, so b drops to the least density on offer and a keeps the budget.
+    assert plain.pmap.layers["b"].density > 0.3
+    assert weighted.pmap.layers["b"].density == 1 / 16  # one of its 16 blocks, the least on offer
+    assert weighted.pmap.layers["a"].density >= 0.45
+    assert weighted.pmap.info["proxy"] == "fisher-weighted energy" and plain.pmap.info["proxy"] == "energy"
+    assert weighted.pmap.info["retained_energy"] >= weighted.energy_target - 1e-12
