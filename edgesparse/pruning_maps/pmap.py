@@ -125,8 +125,7 @@ class PruningMap:
             if scheme is None:
                 return None
             if isinstance(scheme, Pow2Scheme):
-                fields_ = {**asdict(scheme), "exp_range": list(scheme.exp_range)}
-                return {"pow2": fields_, **self.notes.get(name, {})}
+                return {"pow2": {**asdict(scheme), "exp_range": list(scheme.exp_range)}, **self.notes.get(name, {})}
             return {"block": list(scheme.block), "density": scheme.density, **self.notes.get(name, {})}
 
         return {
