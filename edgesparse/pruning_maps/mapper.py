@@ -221,8 +221,10 @@ class EnergyTable:
         if key not in self._kept_by_count:
             # Blocks in the order BSR.from_dense keeps them (L2 norm, descending, ties in
             # row-major order), each worth its (weighted) sum of squares.
-            order = torch.sort(_block_sums(self._squares[name], candidate.block), descending=True, stable=True).indices
-            worth = _block_sums(self._scores[name], candidate.block)[order]
+            sums = _block_sums(self._squares[name], candidate.block)
+            scores = self._scores[name]
+            worth = sums if scores is self._squares[name] else _block_sums(scores, candidate.block)
+            worth = worth[torch.sort(sums, descending=True, stable=True).indices]
             self._kept_by_count[key] = torch.cat([torch.zeros(1, dtype=torch.float64), worth.cumsum(0)])
         cumulative = self._kept_by_count[key]
         return float(cumulative[self.keep(name, candidate.block, density)])

@@ -317,13 +317,12 @@ def test_fisher_importance_is_the_sum_of_per_sample_squared_gradients():
     layers = prunable_layers(model, x)
     fisher = fisher_importance(model, layers, x, y, micro_batches=5)
     w, b = model[0].weight.detach().double(), model[0].bias.detach().double()
-    expected = torch.zeros(4, 6, dtype=torch.float64)
-    for xi, yi in zip(x.double(), y):
-        residual = torch.softmax(w @ xi + b, 0) - torch.nn.functional.one_hot(yi, 4).double()
-        expected += torch.outer(residual, xi).square()
-    assert torch.allclose(fisher["0"], expected, rtol=1e-5, atol=1e-9)
-    # Fewer micro-batches: squares of summed gradients, still >= 0 and of the same shape.
-    assert fisher_importance(model, layers, x, y, micro_batches=1)["0"].shape == (4, 6)
+    per_sample = [torch.outer(torch.softmax(w @ xi + b, 0) - torch.nn.functional.one_hot(yi, 4).double(), xi)
+                  for xi, yi in zip(x.double(), y)]
+    assert torch.allclose(fisher["0"], sum(g.square() for g in per_sample), rtol=1e-5, atol=1e-9)
+    # One micro-batch: the square of the summed gradient.
+    whole = fisher_importance(model, layers, x, y, micro_batches=1)["0"]
+    assert torch.allclose(whole, sum(per_sample).square(), rtol=1e-5, atol=1e-9)
 
 
 def test_fisher_importance_leaves_batchnorm_alone_and_rejects_bad_calibration():
