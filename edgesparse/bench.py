@@ -98,7 +98,10 @@ DEFAULT_CASES: Tuple[Case, ...] = (
     _headline("forward", 8, (32, 32), 0.1),
     _headline("forward", 256, (8, 8), 0.1),
     _headline("forward", 256, (64, 64), 0.1),
-    _headline("forward", 256, (8, 4), 0.1),
+    # Narrow blocks, whose kernels vectorise along the batch (schedule.vector == 'batch'):
+    # 8x4's grad-input and grad-weight, 4x8's forward (an output side of 4).
+    *(_headline(op, 256, (8, 4), 0.1) for op in OPS),
+    _headline("forward", 256, (4, 8), 0.1),
     # pow2 (issue 4): the memory-bound case of the figures, cold and warm, then a large
     # batch and grad-input.
     Case(8, 2048, 2048, (32, 3), 0.5, "pow2_forward", cold=True),

@@ -355,7 +355,8 @@ def _product(name: str, layer: nn.Module, in_shape: List[int], rows_per_call: in
                          f"{in_shape}; put an nn.Flatten before it")
     W = _weight(layer)
     bn, bk = W.block
-    sched = heuristic_block_rows(rows_per_call, bn, bk, W.block_rows, threads(), simd)
+    # The C++ host runs the kernel that vectorises along the output (_make_block_rows).
+    sched = heuristic_block_rows(rows_per_call, bn, bk, W.block_rows, threads(), simd, transposable=False)
     check_fits(sched, bn, bk, "output")
     has_bias = layer.bias is not None
     kernel = f"bsr_linear_{bn}x{bk}_r{sched.rows}c{sched.cols}u{sched.unroll}_{sched.parallel}" + ("_bias" if has_bias else "")

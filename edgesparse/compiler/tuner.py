@@ -1,9 +1,10 @@
 """The auto-tuner: measure each kernel's schedule knobs on the target, keep the fastest.
 
 Search (ours, over the explicit knobs of ``kernels/tvm/schedule.py``): start from the
-heuristic schedule; then, while the budget lasts, measure every valid schedule that
-differs from the best one in a single knob (rows, cols, unroll, parallel) and move to
-the fastest; when a sweep finds nothing faster, spend what is left of the budget on
+heuristic schedule (and, for grad-weight, a starting tile of each way of vectorising:
+along the block's columns or along the batch); then, while the budget lasts, measure
+every valid schedule that differs from the best one in a single knob (rows, cols,
+unroll, parallel, vector) and move to the fastest; when a sweep finds nothing faster, spend what is left of the budget on
 random valid schedules (a fixed seed). Candidates are built by TVM, each measured with
 TVM's time evaluator: all the schedules of a sweep take turns within each round (the
 heuristic's and the current best's included) and the median over rounds is kept, so a
@@ -38,7 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..formats import BSR, pad_columns
-from ..kernels.tvm.schedule import PARALLEL_CANDIDATES, Schedule, heuristic_block_rows, heuristic_grad_weight
+from ..kernels.tvm.schedule import (PARALLEL_CANDIDATES, Schedule, batch_rows_tile, batch_tile, heuristic_block_rows,
+                                    heuristic_grad_weight)
 from .target import Target, vector_unit, versions
 from .tuning import OPS, ShapeClass, TuningDatabase, make_record
 
@@ -84,10 +86,11 @@ def candidates(problem: Problem) -> List[Schedule]:
     """Every schedule worth trying for ``problem``, all of which the kernel accepts
     (``check_fits``): tiles one to four vectors wide (or the whole side when it is
     narrower) and at most as many accumulator registers as leave two free for the
-    broadcast and the load."""
+    broadcast and the load; for grad-weight also the batch-vectorised tiles of the block
+    whose accumulators and loads (one per tile row and column) fit the registers."""
     simd = vector_unit()
     width, reduced = problem.tiled
-    bn, _ = problem.block
+    bn, bk = problem.block
     cols_options = [c for c in range(1, width + 1)
                     if width % c == 0 and c <= 4 * simd.lanes and (c % simd.lanes == 0 or c == width)]
     out = []
@@ -101,35 +104,57 @@ def candidates(problem: Problem) -> List[Schedule]:
                     continue
                 parallels = ("blocks",) if problem.op == "grad_weight" else PARALLEL_CANDIDATES
                 out.extend(Schedule(rows, cols, unroll, p) for p in parallels)
+    if problem.op == "grad_weight":
+        out.extend(Schedule(rows, cols, unroll, "blocks", "batch")
+                   for rows in range(1, bn + 1) for cols in range(1, bk + 1) for unroll in _UNROLLS
+                   if bn % rows == 0 and bk % cols == 0 and rows * cols + rows + cols <= simd.registers)
+    else:  # batch vectors x output columns (at most a vector's worth), plus a load and a broadcast
+        out.extend(Schedule(vectors, cols, unroll, p, "batch")
+                   for cols in range(1, min(width, simd.lanes) + 1) if width % cols == 0
+                   for vectors in range(1, (simd.registers - 1) // (cols + 1) + 1)
+                   for unroll in _UNROLLS if reduced % unroll == 0
+                   for p in PARALLEL_CANDIDATES)
     return out
 
 
-def heuristic(problem: Problem) -> Schedule:
+def layout_seeds(problem: Problem) -> List[Schedule]:
+    """A starting schedule for each way of vectorising the kernel, along the output (the
+    block's columns) and along the batch: the knob walk moves one knob at a time, and no
+    single knob turns a good tile of one layout into one of the other."""
+    simd = vector_unit()
+    columns = heuristic(problem, transposable=False)
+    if problem.op == "grad_weight":
+        return [columns, Schedule(*batch_tile(*problem.block, simd), 1, "blocks", "batch")]
+    width, _ = problem.tiled
+    return [columns, Schedule(*batch_rows_tile(problem.m, width, simd), columns.unroll, columns.parallel, "batch")]
+
+
+def heuristic(problem: Problem, transposable: bool = True) -> Schedule:
     """The schedule the kernels use untuned (what the wrappers would pick)."""
     from ..kernels.tvm._runtime import threads
 
     bn, bk = problem.block
     if problem.op == "grad_weight":
-        return heuristic_grad_weight(problem.block, problem.m)
+        return heuristic_grad_weight(problem.block, problem.m, transposable=transposable)
     blocks = -(-problem.n // bn) if problem.op == "forward" else -(-problem.k // bk)
-    width, depth = (bn, bk) if problem.op == "forward" else (bk, bn)
-    return heuristic_block_rows(problem.m, width, depth, blocks, threads())
+    width, depth = problem.tiled
+    return heuristic_block_rows(problem.m, width, depth, blocks, threads(), transposable=transposable)
 
 
 def build(problem: Problem, schedule: Schedule, target: Optional[Target] = None):
     """The TVM executable of ``problem``'s kernel with ``schedule`` (not cached)."""
     import tvm
 
-    from ..kernels.tvm._block_rows import _make_block_rows
-    from ..kernels.tvm.bsr_linear_grad_weight import _make_grad_weight
+    from ..kernels.tvm._block_rows import kernel_recipe as block_rows_recipe
+    from ..kernels.tvm.bsr_linear_grad_weight import kernel_recipe as grad_weight_recipe
 
     bn, bk = problem.block
-    if problem.op == "forward":
-        func = _make_block_rows(bn, bk, schedule, False, False, False)
-    elif problem.op == "grad_input":
-        func = _make_block_rows(bk, bn, schedule, True, False, False)
+    if problem.op == "grad_weight":
+        maker, params = grad_weight_recipe(bn, bk, schedule, False)
     else:
-        func = _make_grad_weight(bn, bk, schedule, False)
+        width, depth = problem.tiled
+        maker, params = block_rows_recipe(width, depth, schedule, problem.op == "grad_input", False, False)
+    func = maker(*params)
     return tvm.compile(tvm.IRModule({"main": func}), target=(target or Target.detect()).tvm_target())
 
 
@@ -374,10 +399,13 @@ def _search(problem: Problem, budget_s: float, runner, target: Target, rounds: i
         best = winner
         return changed
 
+    seeds = [s for s in layout_seeds(problem) if s not in measured]
+    if seeds:
+        step(seeds)
     improved = True
     while improved and left() > 0:
         improved = False
-        for knob in ("cols", "rows", "unroll", "parallel"):
+        for knob in ("cols", "rows", "unroll", "parallel", "vector"):
             group = [s for s in valid if s not in measured and _differs_only_in(s, best, knob)]
             if group and step(group[:_GROUP]):
                 improved = True

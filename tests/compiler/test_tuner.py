@@ -10,7 +10,7 @@ import torch
 from edgesparse.compiler.target import vector_unit
 from edgesparse.compiler.target import Target
 from edgesparse.compiler.tuner import Problem, _Measurer, RPCRunner, build, candidates, heuristic, kernel_args, \
-    tune_layer, tune_problem
+    layout_seeds, tune_layer, tune_problem
 from edgesparse.compiler.tuning import TuningDatabase
 from edgesparse.kernels.tvm import bsr_linear, bsr_linear_grad_input, bsr_linear_grad_weight
 from edgesparse import BSR
@@ -27,12 +27,23 @@ def test_candidates_fit_the_kernel(op, block):
     width, reduced = {"forward": (bn, bk), "grad_input": (bk, bn), "grad_weight": (bk, None)}[op]
     lanes, registers = vector_unit().lanes, vector_unit().registers
     for s in cands:
+        if s.vector == "batch" and op == "grad_weight":  # a tile of the block, one vector accumulator per entry
+            assert bn % s.rows == 0 and bk % s.cols == 0 and s.parallel == "blocks"
+            assert s.rows * s.cols + s.rows + s.cols <= registers
+            continue
+        if s.vector == "batch":  # rows batch vectors x cols output columns, plus a load and a broadcast each
+            assert width % s.cols == 0 and s.cols <= lanes and reduced % s.unroll == 0
+            assert s.rows * (s.cols + 1) + 1 <= registers
+            continue
         assert width % s.cols == 0
         assert reduced is None or reduced % s.unroll == 0
         assert s.rows * -(-s.cols // lanes) <= registers - 2
         if op == "grad_weight":
             assert bn % s.rows == 0 and s.parallel == "blocks"
     assert heuristic(p) in cands or op == "grad_weight"
+    seeds = layout_seeds(p)  # the search starts each layout from a tile the kernel takes
+    assert [s.vector for s in seeds] == ["columns", "batch"]
+    assert seeds[1] in cands and (seeds[0] in cands or op == "grad_weight")
 
 
 def test_problem_rejects_bad_input():
@@ -77,6 +88,25 @@ def test_tuned_schedule_computes_the_product():
             got = got[:n, :k]
             expected = expected * masked_dense(torch.ones(n, k), mask, block)
         assert torch.allclose(got.double(), expected, atol=1e-4), r.problem.op
+
+
+def test_the_tuner_builds_the_batch_vectorised_grad_weight():
+    """What the tuner times for a batch-vectorised schedule is the whole product: built
+    from the same recipe as the wrapper, on the arguments the wrapper passes."""
+    from edgesparse.compiler.tuner import LocalRunner
+    from edgesparse.kernels.tvm.schedule import Schedule
+
+    m, n, k, block, density = 13, 48, 40, (8, 4), 0.5
+    p = Problem("grad_weight", m, n, k, block, density)
+    runner = LocalRunner()
+    args = runner.tensors(kernel_args(p))
+    runner.load(build(p, Schedule(4, 2, 3, "blocks", "batch")))["main"](*args)
+    expected, (w, _, _) = _oracle("grad_weight", m, n, k, block, density)
+    mask = top_blocks_mask(w, block, density)
+    rows, cols = mask.nonzero(as_tuple=True)
+    values = torch.from_numpy(args[-2].numpy()).double()
+    for v, i, j in zip(values, rows.tolist(), cols.tolist()):
+        assert torch.allclose(v, expected[i * 8:(i + 1) * 8, j * 4:(j + 1) * 4], atol=1e-4)
 
 
 def _free_port():

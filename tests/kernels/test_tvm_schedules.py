@@ -54,9 +54,104 @@ def test_grad_weight_under_each_schedule(problem, schedule):
     assert_close(W.with_values(values).to_dense(), expected, torch.float32, "grad-weight")
 
 
+# Batch-vectorised forward and grad-input: output blocks of 1, 2 and 4 columns (and 8),
+# ragged shapes, batches below, at and past a vector and not a multiple of one.
+@pytest.mark.parametrize("block", [(1, 4), (4, 1), (2, 8), (8, 4)], ids=str)
+@pytest.mark.parametrize("m", [1, 8, 13, 37])
+@pytest.mark.parametrize("vectors, parallel", [(1, "blocks"), (3, "batch")])
+def test_batch_vectorised_forward_and_grad_input(gen, block, m, vectors, parallel):
+    shape = (43, 29)
+    mask = random_mask(*grid(shape, block), 0.4, gen)
+    w = randn(shape, gen)
+    W, w_masked = BSR.from_mask(w, mask, block), masked_dense(w, mask, block)
+    x, dy, bias = randn((m, shape[1]), gen), randn((m, shape[0]), gen), randn((shape[0],), gen)
+    bn, bk = block
+    y = bsr_linear(x, W, bias, Schedule(vectors, min(bn, 8), 1, parallel, "batch"))
+    assert_close(y, to64(x) @ w_masked.T + to64(bias), torch.float32, "forward")
+    dx = bsr_linear_grad_input(dy, W, Schedule(vectors, min(bk, 8), 1, parallel, "batch"))
+    assert_close(dx, to64(dy) @ w_masked, torch.float32, "grad-input")
+
+
+def test_the_heuristic_vectorises_narrow_outputs_along_the_batch():
+    from edgesparse.compiler.target import VectorUnit
+    from edgesparse.kernels.tvm.schedule import heuristic_block_rows
+
+    avx2 = VectorUnit(8, 16)
+    assert heuristic_block_rows(256, 4, 8, 512, 2, avx2) == Schedule(2, 4, 4, "blocks", "batch")
+    assert heuristic_block_rows(256, 1, 4, 2048, 2, avx2) == Schedule(4, 1, 4, "blocks", "batch")
+    assert heuristic_block_rows(8, 2, 8, 1024, 2, avx2) == Schedule(1, 2, 4, "blocks", "batch")  # one vector of batch
+    assert heuristic_block_rows(7, 4, 8, 512, 2, avx2).vector == "columns"  # less than a vector
+    assert heuristic_block_rows(256, 8, 8, 256, 2, avx2).vector == "columns"  # a whole vector wide
+    assert heuristic_block_rows(256, 4, 8, 512, 2, avx2, transposable=False).vector == "columns"
+
+
+def test_convolutions_refuse_batch_vectorised_schedules(gen):
+    from edgesparse.kernels.tvm.bsr_conv2d import conv2d_grad_input, unfold_tables
+
+    x = randn((2, 3, 5, 5), gen)
+    W = BSR.from_dense(randn((4, 27), gen), (4, 3))
+    flat, row_base, col_off = unfold_tables(x, 27, (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="vector='batch'.*convolution"):
+        bsr_linear(flat, W, None, Schedule(1, 4, 1, "blocks", "batch"), gather=(row_base, col_off))
+    with pytest.raises(ValueError, match="vector must be 'columns'.*grad-input"):
+        conv2d_grad_input(randn((2, 4, 5, 5), gen), W, x.shape, (3, 3), (1, 1), (1, 1), (1, 1),
+                          schedule=Schedule(1, 3, 1, "blocks", "batch"))
+
+
+# Batch-vectorised grad-weight: ragged shapes (the last block row / column cut short),
+# batches below, at and past a vector (8 lanes on AVX2) and not a multiple of one.
+@pytest.mark.parametrize("block, tile", [((1, 4), (1, 4)), ((4, 1), (4, 1)), ((8, 4), (4, 2)), ((16, 8), (2, 4)), ((8, 4), (1, 1))],
+                         ids=str)
+@pytest.mark.parametrize("m", [1, 8, 13, 37])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_batch_vectorised_grad_weight(gen, block, tile, m, unroll):
+    shape = (43, 29)
+    mask = random_mask(*grid(shape, block), 0.4, gen)
+    W = BSR.from_mask(randn(shape, gen), mask, block)
+    x, dy = randn((m, shape[1]), gen), randn((m, shape[0]), gen)
+    values = bsr_linear_grad_weight(dy, x, W, Schedule(*tile, unroll, "blocks", "batch"))
+    expected = masked_dense(to64(dy).T @ to64(x), mask, block)
+    assert_close(W.with_values(values).to_dense(), expected, torch.float32, "grad-weight")
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_batch_vectorised_grad_weight_at_density_0_and_1(gen, density):
+    shape, block = (20, 12), (4, 4)
+    mask = torch.full(grid(shape, block), density == 1.0)
+    W = BSR.from_mask(randn(shape, gen), mask, block)
+    x, dy = randn((9, 12), gen), randn((9, 20), gen)
+    values = bsr_linear_grad_weight(dy, x, W, Schedule(2, 4, 1, "blocks", "batch"))
+    assert values.shape == (W.nnz_blocks, 4, 4)
+    assert_close(W.with_values(values).to_dense(), masked_dense(to64(dy).T @ to64(x), mask, block), torch.float32)
+
+
+def test_the_heuristic_vectorises_small_blocks_along_a_long_batch_except_in_convolutions():
+    from edgesparse.kernels.tvm.schedule import heuristic_grad_weight
+
+    from edgesparse.compiler.target import VectorUnit
+
+    avx2 = VectorUnit(8, 16)
+    assert heuristic_grad_weight((8, 4), 256, avx2) == Schedule(4, 2, 1, "blocks", "batch")
+    assert heuristic_grad_weight((1, 4), 32, avx2) == Schedule(1, 4, 1, "blocks", "batch")
+    assert heuristic_grad_weight((1, 4), 31, avx2).vector == "columns"  # under four vectors of batch
+    assert heuristic_grad_weight((32, 32), 256, avx2).vector == "columns"
+    assert heuristic_grad_weight((8, 4), 256, avx2, transposable=False).vector == "columns"
+
+
+def test_batch_vectorised_grad_weight_refuses_a_gathered_input(gen):
+    from edgesparse.kernels.tvm.bsr_conv2d import unfold_tables
+
+    x, dy_rows = randn((2, 3, 5, 5), gen), randn((50, 8), gen)
+    W = BSR.from_dense(randn((8, 27), gen), (8, 3))
+    flat, row_base, col_off = unfold_tables(x, 27, (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="vector='batch'.*convolution"):
+        bsr_linear_grad_weight(dy_rows, flat, W, Schedule(4, 3, 1, "blocks", "batch"), gather=(row_base, col_off))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        (dict(rows=2, cols=8, unroll=1, vector="rows"), "vector"),
         (dict(rows=0, cols=8, unroll=1), "rows"),
         (dict(rows=2, cols=-8, unroll=1), "cols"),
         (dict(rows=2, cols=8, unroll=1.5), "unroll"),

@@ -114,6 +114,29 @@ def cached_on(t: torch.Tensor, name: str, derive: Callable[[torch.Tensor], torch
     return hit[1]
 
 
+def transposing_copy(lanes: int):
+    """A TIR macro for the batch-vectorised kernels (``Schedule.vector == 'batch'``):
+    ``copy(src, dst, src_cols, src_rows, dst_cols, first, last)`` writes dst's rows
+    first..last-1 as dst[r, m] = src[m, r], zero where r or m lies outside src; each
+    row of dst is stored a vector at a time, gathered from a column of src."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def copy(src, dst, src_cols, src_rows, dst_cols, first, last):
+        for r in T.serial(first, last):
+            if r < src_cols:
+                for m0 in T.serial(src_rows // lanes):
+                    for lane in T.vectorized(lanes):
+                        dst[r, m0 * lanes + lane] = src[m0 * lanes + lane, r]
+                for m in T.serial(src_rows // lanes * lanes, dst_cols):
+                    dst[r, m] = T.if_then_else(m < src_rows, src[T.min(m, src_rows - 1), r], T.float32(0))
+            else:
+                for m in T.serial(dst_cols):
+                    dst[r, m] = T.float32(0)
+
+    return copy
+
+
 def rows_operand(gather: bool):
     """How a kernel reads its row operand ``inp[m, k]``, fixed when it is built: the
     buffer's shape from (M, width, flat length), and the element at (m, k).

@@ -139,7 +139,14 @@ def conv2d_grad_input(
         return dx.zero_()
     bn, bk = W.block
     rows = _rows_of(dy)
-    sched = schedule or tuned("grad_input", W, rows.shape[0]) or heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads())
+    # A schedule tuned on the linear grad-input applies, unless it vectorises along the batch,
+    # which needs the rows transposed: this kernel scatters them into the image as it goes.
+    tuned_linear = tuned("grad_input", W, rows.shape[0])
+    sched = (schedule or (tuned_linear if tuned_linear and tuned_linear.vector == "columns" else None)
+             or heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads(), transposable=False))
+    if sched.vector != "columns":
+        raise ValueError("schedule.vector must be 'columns' for a convolution's grad-input (its rows are scattered "
+                         f"into the image, never transposed), got {sched.vector!r}")
     check_fits(sched, bk, bn, "output")
     (ph, pw), image = padding, (channels, height, width)
     padded = (height + 2 * ph, width + 2 * pw)

@@ -59,7 +59,8 @@ def bsr_linear(
     if m == 0 or W.nnz_blocks == 0:
         y = torch.zeros(m, n, dtype=x.dtype)
         return y + bias if bias is not None else y
-    sched = schedule or (gather is None and tuned("forward", W, m)) or heuristic_block_rows(m, bn, bk, W.block_rows, threads())
+    sched = (schedule or (gather is None and tuned("forward", W, m))
+             or heuristic_block_rows(m, bn, bk, W.block_rows, threads(), transposable=gather is None))
     # Odd shapes: x is padded to whole block columns, a padded bias and output are cut back.
     padded_bias = pad_columns(bias[None], W.padded_shape[0])[0] if bias is not None else None
     y = block_rows_product(

@@ -2,8 +2,9 @@
 
 Every kernel is compiled per (kernel, block shape, knobs, target): the batch size,
 the matrix sizes and the number of blocks stay symbolic, so one build serves every
-layer with the same block shape. The tuner (compiler issue) will search the knobs;
-until it has, ``heuristic_*`` decides from the CPU's vector unit.
+layer with the same block shape. ``edgesparse tune`` searches the knobs and keeps
+the fastest in the tuning database; untuned, ``heuristic_*`` decides from the CPU's
+vector unit.
 
 Measured on the Zen 3 dev machine (AVX2: 8 fp32 lanes, 16 registers; both threads;
 x 256x2048, W 2048x2048), GFLOP/s on the nonzeros, best tile first:
@@ -15,7 +16,9 @@ x 256x2048, W 2048x2048), GFLOP/s on the nonzeros, best tile first:
 A tile two vectors wide and half the registers deep in accumulators (4 x 16 on AVX2)
 was best or within 12% of best in every case, so both heuristics use it. On AVX-512
 (16 lanes, 32 registers) the same rule gives 8 x 32; that is the rule scaled, not a
-measurement.
+measurement. Blocks narrower than a vector (an output side of 1, 2 or 4 on AVX2, or few
+entries in grad-weight) vectorise along the batch instead (``vector='batch'``; the
+measurements are beside ``heuristic_block_rows`` and ``heuristic_grad_weight``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Tuple
 from ...compiler.target import VectorUnit, vector_unit
 
 PARALLEL_CANDIDATES = ("blocks", "batch")
+VECTOR_CANDIDATES = ("columns", "batch")
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,20 @@ class Schedule:
     unroll    unroll factor of the innermost reduction loop
     parallel  'blocks': threads split the block rows / nonzero blocks;
               'batch': threads split the batch (better when there are few block rows)
+    vector    what the vectors run along. 'columns': the output's (grad-weight: the
+              block's) columns, as above. 'batch': the batch, from copies of the inputs
+              transposed inside the kernel (for blocks too narrow to fill a vector);
+              ``rows`` then counts vectors of batch rows in the forward / grad-input
+              tile, and in grad-weight ``rows`` x ``cols`` is the tile of the block, one
+              vector accumulator per entry, with ``unroll`` over the batch vectors.
+              Linear layers only: a convolution's input is never unfolded to transpose.
     """
 
     rows: int
     cols: int
     unroll: int
     parallel: str = "blocks"
+    vector: str = "columns"
 
     def __post_init__(self):
         for name in ("rows", "cols", "unroll"):
@@ -52,6 +64,8 @@ class Schedule:
                 raise ValueError(f"Schedule.{name} must be a positive int, got {value!r}")
         if self.parallel not in PARALLEL_CANDIDATES:
             raise ValueError(f"Schedule.parallel must be one of {PARALLEL_CANDIDATES}, got {self.parallel!r}")
+        if self.vector not in VECTOR_CANDIDATES:
+            raise ValueError(f"Schedule.vector must be one of {VECTOR_CANDIDATES}, got {self.vector!r}")
 
 
 def check_fits(schedule: Schedule, tiled: int, reduced: int | None, what: str) -> None:
@@ -92,26 +106,74 @@ def _rows_for_batch(batch: int, max_rows: int) -> int:
 
 # The heuristics are memoised: every kernel call asks them, and working a schedule out
 # took 12 us, a sixth of the 70 us kernel at M = 8 on 2048 x 2048 at 10% of 32 x 32.
+def batch_rows_tile(batch: int, out_width: int, simd: VectorUnit) -> Tuple[int, int]:
+    """(vectors of batch rows, output columns) of the batch-vectorised block-row tile: at
+    most a vector's worth of the output side, and batch vectors to fill about half the
+    registers with accumulators (2 x 4, 4 x 2, 4 x 1 on AVX2), as many as there are."""
+    cols = _largest_divisor_at_most(out_width, simd.lanes)
+    return min(4, max(1, simd.registers // 2 // cols), -(-batch // simd.lanes)), cols
+
+
+# An output block narrower than a vector makes the block-row kernel vectorise along the
+# batch, from a batch of one vector up. x (dy) [M, 2048] by 2048 x 2048 at 10%, GFLOP/s on
+# the nonzeros, along the output -> along the batch (M = 256 / 32 / 8, one interleaved
+# run each): forward 4x8 22 -> 33 / 27 -> 45 / 25 -> 30, 1x4 5 -> 22 / 7 -> 27 / 8 -> 15,
+# 2x8 11 -> 32 / 15 -> 45 / 16 -> 25; grad-input 8x4 16 -> 26 / 12 -> 31 / 21 -> 25, 4x1
+# 5 -> 20 / 6 -> 33 / 8 -> 14, 16x4 27 -> 39 / 30 -> 50 / 26 -> 25. Output blocks of a
+# vector or more stayed along the output (forward 8x8 41 -> 34 at M = 256, 16x4 56 -> 30).
 @functools.lru_cache(maxsize=1024)
 def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_rows: int, threads: int,
-                         simd: VectorUnit | None = None) -> Schedule:
+                         simd: VectorUnit | None = None, transposable: bool = True) -> Schedule:
     """Knobs for the block-row kernel (forward and grad-input).
 
     batch: rows of x (dy); out_width: columns of one output block (vectorised);
     in_depth: the block's reduction length; out_block_rows: how many output block rows
-    there are to share out.
+    there are to share out; transposable: False when the input is a convolution's
+    implicit im2col (or the C++ host's), which the batch-vectorised kernel cannot take.
     """
     simd = simd or vector_unit()
-    rows, cols = _tile(out_width, simd)
     parallel = "blocks" if out_block_rows >= 4 * threads else "batch"
-    return Schedule(_rows_for_batch(batch, rows), cols, _largest_divisor_at_most(in_depth, 4), parallel)
+    unroll = _largest_divisor_at_most(in_depth, 4)
+    if out_width < simd.lanes and batch >= simd.lanes and transposable:
+        return Schedule(*batch_rows_tile(batch, out_width, simd), unroll, parallel, "batch")
+    rows, cols = _tile(out_width, simd)
+    return Schedule(_rows_for_batch(batch, rows), cols, unroll, parallel)
+
+
+# Blocks of at most this many entries take the batch-vectorised grad-weight, at batches
+# of at least four vectors. GFLOP/s on the nonzeros, 2048 x 2048 at 10%, vectorised
+# along the block's columns -> along the batch, one interleaved run per batch:
+#   M = 256: 8x4 14.6 -> 28.3, 4x8 17.6 -> 30.3, 4x4 8.3 -> 27.0, 2x8 6.0 -> 21.0,
+#            1x4 2.0 -> 18.8, 4x1 2.1 -> 22.7
+#   M = 32:  8x4 17.9 -> 20.9, 4x8 12.1 -> 19.0, 4x4 9.6 -> 20.2, 2x8 9.4 -> 21.7,
+#            1x4 2.3 -> 13.3, 4x1 2.2 -> 15.4
+#   M = 8:   8x4 17.1 -> 8.5, 4x8 26.2 -> 9.8, 1x4 8.6 -> 8.0, 4x1 4.8 -> 7.2
+# Below four vectors the transposes and each accumulator's sum across its lanes (7 adds
+# on AVX2, per block entry) outweigh the FMAs. Larger blocks lost at M = 32 (8x8 26.8
+# -> 20.1, 16x4 20.0 -> 17.3, 32x4 27.0 -> 20.9) though 16x4 and 32x4 won at M = 256
+# (17.1 -> 27.2, 21.2 -> 28.8): the tuner finds those.
+BATCH_VECTOR_MAX_ENTRIES = 32
+
+
+def batch_tile(bn: int, bk: int, simd: VectorUnit) -> Tuple[int, int]:
+    """(rows, cols) of the block covered by one batch-vectorised tile: as many vector
+    accumulators as half the registers hold (the other half loads a vector of dy per
+    row and of x per column), squarest in loads per FMA (rows near 2 x cols)."""
+    fits = [(r, c) for r in range(1, bn + 1) for c in range(1, bk + 1)
+            if bn % r == 0 and bk % c == 0 and r * c <= simd.registers // 2]
+    return max(fits, key=lambda rc: (rc[0] * rc[1], -abs(rc[0] - 2 * rc[1])))
 
 
 @functools.lru_cache(maxsize=1024)
-def heuristic_grad_weight(block: Tuple[int, int], batch: int, simd: VectorUnit | None = None) -> Schedule:
-    """Knobs for grad-weight: the register tile covers (rows of the block) x (cols of the block)."""
+def heuristic_grad_weight(block: Tuple[int, int], batch: int, simd: VectorUnit | None = None,
+                          transposable: bool = True) -> Schedule:
+    """Knobs for grad-weight: the register tile covers (rows of the block) x (cols of the
+    block). ``transposable``: False when x is a convolution's implicit im2col, which the
+    batch-vectorised kernel cannot transpose (then the tile runs along the columns)."""
     simd = simd or vector_unit()
     bn, bk = block
+    if bn * bk <= BATCH_VECTOR_MAX_ENTRIES and batch >= 4 * simd.lanes and transposable:
+        return Schedule(*batch_tile(bn, bk, simd), 1, "blocks", "batch")
     rows, cols = _tile(bk, simd)
     whole_side_vectors = -(-bk // simd.lanes)
     if bk % simd.lanes and whole_side_vectors <= simd.registers // 2:
