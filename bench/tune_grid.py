@@ -93,7 +93,7 @@ def recheck(path: Path, rounds: int, target: Target) -> int:
         recorded.append(r["speedup"])
         rechecked.append(again)
         print(f"{r['op']:<12}{r['m']:>5}{r['n']:>6}{r['k']:>6}{r['block'][0]:>4}x{r['block'][1]:<3}{r['density']:>5.2f}"
-              f"{r['speedup']:>11.2f}x{again:>12.2f}x  {tuned.rows}x{tuned.cols} u{tuned.unroll} {tuned.parallel}", flush=True)
+              f"{r['speedup']:>11.2f}x{again:>12.2f}x  {tuned.short()}", flush=True)
     print(f"geometric mean over {len(rows)} kernels: recorded {geomean(recorded):.3f}x, rechecked {geomean(rechecked):.3f}x "
           f"({rounds} rounds)")
     return 0
@@ -125,11 +125,10 @@ def main() -> int:
     print(f"{'op':<12}{'M':>5}{'N':>6}{'K':>6}{'block':>7}{'dens':>6}{'heur ms':>9}{'tuned ms':>10}{'x':>7}"
           f"{'tried':>6}{'layer s':>9}{'others':>7}  tuned schedule")
     for r in rows:
-        t = r["tuned"]
         print(f"{r['op']:<12}{r['m']:>5}{r['n']:>6}{r['k']:>6}{r['block'][0]:>4}x{r['block'][1]:<3}{r['density']:>5.2f}"
               f"{r['heuristic_ms']:>9.3f}{r['tuned_ms']:>10.3f}{r['speedup']:>6.2f}x{r['tried']:>6}{r['layer_s']:>9.1f}"
               f"{r['other_load'] if r['other_load'] is not None else float('nan'):>7.2f}"
-              f"  {t['rows']}x{t['cols']} u{t['unroll']} {t['parallel']}")
+              f"  {Schedule(**r['tuned']).short()}")
     gm = geomean([r["speedup"] for r in rows])
     worst_layer = max(r["layer_s"] for r in rows)
     print(f"geometric mean tuned/heuristic speed-up over {len(rows)} kernels ({len(GRID)} layers): {gm:.3f}x; "
