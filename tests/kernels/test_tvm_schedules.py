@@ -93,7 +93,7 @@ def test_convolutions_refuse_batch_vectorised_schedules(gen):
     flat, row_base, col_off = unfold_tables(x, 27, (3, 3), (1, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="vector='batch'.*convolution"):
         bsr_linear(flat, W, None, Schedule(1, 4, 1, "blocks", "batch"), gather=(row_base, col_off))
-    with pytest.raises(ValueError, match="vector must be 'columns'.*grad-input"):
+    with pytest.raises(ValueError, match="vector='batch'.*convolution"):
         conv2d_grad_input(randn((2, 4, 5, 5), gen), W, x.shape, (3, 3), (1, 1), (1, 1), (1, 1),
                           schedule=Schedule(1, 3, 1, "blocks", "batch"))
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import Schedule, check_fits
+from .schedule import Schedule, check_fits, check_transposable
 from ._runtime import compiled, kernel_arg, placeholder, rows_operand, transposing_copy
 
 
@@ -198,10 +198,8 @@ def kernel_recipe(P: int, Q: int, sched: Schedule, indirect: bool, has_bias: boo
     compiles it through the cache, the tuner builds it for its measurements."""
     from ...compiler.target import vector_unit
 
+    check_transposable(sched, gather)
     if sched.vector == "batch":
-        if gather:
-            raise ValueError("schedule.vector='batch' transposes the input, which a convolution's gathered "
-                             "input has not got: use vector='columns' for convolutions")
         return _make_block_rows_batch, (P, Q, sched, indirect, has_bias, vector_unit().lanes)
     return _make_block_rows, (P, Q, sched, indirect, has_bias, gather)
 

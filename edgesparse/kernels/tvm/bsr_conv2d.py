@@ -42,7 +42,7 @@ from ._block_rows import make_accumulate
 from ._runtime import compiled, kernel_arg, threads
 from .bsr_linear import bsr_linear
 from .bsr_linear_grad_weight import bsr_linear_grad_weight
-from .schedule import Schedule, check_fits, heuristic_block_rows, tuned
+from .schedule import Schedule, check_fits, check_transposable, heuristic_block_rows, tuned
 
 Pair = Tuple[int, int]
 
@@ -144,9 +144,7 @@ def conv2d_grad_input(
     tuned_linear = tuned("grad_input", W, rows.shape[0])
     sched = (schedule or (tuned_linear if tuned_linear and tuned_linear.vector == "columns" else None)
              or heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads(), transposable=False))
-    if sched.vector != "columns":
-        raise ValueError("schedule.vector must be 'columns' for a convolution's grad-input (its rows are scattered "
-                         f"into the image, never transposed), got {sched.vector!r}")
+    check_transposable(sched, gathered=True)
     check_fits(sched, bk, bn, "output")
     (ph, pw), image = padding, (channels, height, width)
     padded = (height + 2 * ph, width + 2 * pw)

@@ -12,7 +12,8 @@ measures it).
 
 Blocks of few entries (8 x 4, 1 x 4, ...) fill too little of a vector along their
 columns: there the kernel vectorises along the batch instead (``Schedule.vector ==
-"batch"``, :func:`_make_grad_weight_batch`).
+"batch"``, :func:`_make_grad_weight_batch`), and its extra memory is transposed
+copies of dy and x (M x (N + K) floats) for the length of the call.
 
 An earlier version packed whole block-column panels [blocks, M, width] of dy and x
 first: M x (N + K) floats, 3.5x the nonzeros at M = 256 for 2048 x 2048 at 10%, and
@@ -26,7 +27,7 @@ import torch
 from ...formats import BSR, pad_columns
 from ...compiler.target import vector_unit
 from ._runtime import compiled, kernel_arg, placeholder, rows_operand, threads, transposing_copy
-from .schedule import Schedule, check_fits, heuristic_grad_weight, tuned
+from .schedule import Schedule, check_fits, check_transposable, heuristic_grad_weight, tuned
 
 
 def chunk_rows(bn: int, bk: int) -> int:
@@ -229,6 +230,7 @@ def _make_grad_weight_batch(bn: int, bk: int, sched: Schedule, lanes: int):
 def kernel_recipe(bn: int, bk: int, sched: Schedule, gathered: bool):
     """(prim_func maker, its arguments) of the kernel ``sched`` asks for; the wrapper
     compiles it through the cache, the tuner builds it for its measurements."""
+    check_transposable(sched, gathered)
     if sched.vector == "batch":
         return _make_grad_weight_batch, (bn, bk, sched, vector_unit().lanes)
     return _make_grad_weight, (bn, bk, sched, gathered)
@@ -248,9 +250,7 @@ def bsr_linear_grad_weight(
     check_fits(sched, bk, None, "column")
     if bn % sched.rows:
         raise ValueError(f"schedule.rows={sched.rows} must divide the block's row count {bn}")
-    if sched.vector == "batch" and gathered:
-        raise ValueError("schedule.vector='batch' transposes x, which a convolution's gathered input has not got: "
-                         "use vector='columns' for convolutions")
+    check_transposable(sched, gathered)
     if W.nnz_blocks == 0 or dy.shape[0] == 0:
         return torch.zeros_like(W.values)
     out = torch.empty_like(W.values)

@@ -84,6 +84,14 @@ def check_fits(schedule: Schedule, tiled: int, reduced: int | None, what: str) -
         raise ValueError(f"schedule.unroll={schedule.unroll} must divide the {what} reduction length {reduced}")
 
 
+def check_transposable(schedule: Schedule, gathered: bool) -> None:
+    """Raise if a batch-vectorised schedule meets a convolution's gathered input, which
+    is never unfolded, so there is no matrix to transpose."""
+    if schedule.vector == "batch" and gathered:
+        raise ValueError("schedule.vector='batch' transposes the input, which a convolution's gathered input "
+                         "has not got: use vector='columns' for convolutions")
+
+
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
