@@ -64,6 +64,15 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
 
 
+def test_records_from_before_the_vector_knob_read_as_the_column_layout(tmp_path):
+    """Databases written before ``Schedule.vector`` existed hold schedules without it."""
+    key, record = _record(sched=Schedule(3, 8, 2, "blocks", "batch"))
+    del record["schedule"]["vector"]
+    path = tmp_path / "db.json"
+    path.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "records": {key: record}}))
+    assert TuningDatabase(path).lookup(key) == Schedule(3, 8, 2, "blocks", "columns")
+
+
 def _writer(path, worker, count):
     db = TuningDatabase(path)
     for i in range(count):
@@ -124,6 +133,8 @@ def test_unknown_schema_version_is_refused_and_kept(tmp_path):
      "record 'k' has no valid 'schedule'.*rows must be a positive int"),
     ({"schema_version": 1, "records": {"k": {"schedule": {"rows": 1, "cols": 8, "unroll": 1, "parallel": "x"}}}},
      "parallel must be one of"),
+    ({"schema_version": 1, "records": {"k": {"schedule": {"rows": 1, "cols": 8, "unroll": 1, "vector": "rows"}}}},
+     "vector must be one of"),
 ])
 def test_invalid_contents_name_the_problem(tmp_path, payload, message):
     path = tmp_path / "db.json"
