@@ -1,16 +1,17 @@
 """The auto-tuner: measure each kernel's schedule knobs on the target, keep the fastest.
 
 Search (ours, over the explicit knobs of ``kernels/tvm/schedule.py``): start from the
-heuristic schedule (and, for grad-weight, a starting tile of each way of vectorising:
-along the block's columns or along the batch); then, while the budget lasts, measure
-every valid schedule that differs from the best one in a single knob (rows, cols,
-unroll, parallel, vector) and move to the fastest; when a sweep finds nothing faster, spend what is left of the budget on
-random valid schedules (a fixed seed). Candidates are built by TVM, each measured with
-TVM's time evaluator: all the schedules of a sweep take turns within each round (the
-heuristic's and the current best's included) and the median over rounds is kept, so a
-burst of load from other processes hits them alike. The winner is confirmed against
-the heuristic in a final interleaved run; if it does not beat it there, the heuristic
-is recorded, so a tuned schedule is never knowingly slower than the untuned one.
+heuristic schedule and a starting tile of each way of vectorising (along the block's
+columns or along the batch); then, while the budget lasts, measure every valid
+schedule that differs from the best one in a single knob (rows, cols, unroll, parallel,
+vector) and move to the fastest; when a sweep finds nothing faster, spend what is left
+of the budget on random valid schedules (a fixed seed). Candidates are built by TVM,
+each measured with TVM's time evaluator: all the schedules of a sweep take turns within
+each round (the heuristic's and the current best's included) and the median over
+rounds is kept, so a burst of load from other processes hits them alike. The winner is
+confirmed against the heuristic in a final interleaved run; if it does not beat it
+there, the heuristic is recorded, so a tuned schedule is never knowingly slower than
+the untuned one.
 
 Interleaving evens out bursts, not load that lasts: while another job keeps a core busy,
 a schedule that needs one core beats one that needs both, and that choice loses on an
@@ -86,8 +87,10 @@ def candidates(problem: Problem) -> List[Schedule]:
     """Every schedule worth trying for ``problem``, all of which the kernel accepts
     (``check_fits``): tiles one to four vectors wide (or the whole side when it is
     narrower) and at most as many accumulator registers as leave two free for the
-    broadcast and the load; for grad-weight also the batch-vectorised tiles of the block
-    whose accumulators and loads (one per tile row and column) fit the registers."""
+    broadcast and the load; and the batch-vectorised tiles whose accumulators and loads
+    fit the registers (grad-weight: a tile of the block, one load per tile row and
+    column; forward and grad-input: batch vectors by at most a vector's worth of output
+    columns, one load per vector and one broadcast)."""
     simd = vector_unit()
     width, reduced = problem.tiled
     bn, bk = problem.block
