@@ -85,6 +85,21 @@ def test_the_heuristic_vectorises_narrow_outputs_along_the_batch():
     assert heuristic_block_rows(256, 4, 8, 512, 2, avx2, transposable=False).vector == "columns"
 
 
+def test_the_heuristic_splits_long_batches_and_narrow_outputs_between_threads():
+    from edgesparse.compiler.target import VectorUnit
+    from edgesparse.kernels.tvm.schedule import heuristic_block_rows
+
+    avx2 = VectorUnit(8, 16)
+    assert heuristic_block_rows(256, 32, 32, 64, 2, avx2).parallel == "blocks"
+    assert heuristic_block_rows(512, 32, 32, 64, 2, avx2).parallel == "batch"  # a long batch
+    assert heuristic_block_rows(64, 8, 8, 256, 2, avx2).parallel == "batch"  # an output side of one vector
+    assert heuristic_block_rows(63, 8, 8, 256, 2, avx2).parallel == "blocks"
+    assert heuristic_block_rows(256, 16, 16, 128, 2, avx2).parallel == "blocks"
+    assert heuristic_block_rows(32, 32, 32, 7, 2, avx2).parallel == "batch"  # too few block rows to share
+    assert heuristic_block_rows(64, 4, 8, 256, 2, avx2, transposable=False).parallel == "batch"  # a conv's narrow output
+    assert heuristic_block_rows(1024, 4, 8, 256, 2, avx2).parallel == "blocks"  # the batch-vectorised kernel
+
+
 def test_convolutions_refuse_batch_vectorised_schedules(gen):
     from edgesparse.kernels.tvm.bsr_conv2d import conv2d_grad_input, unfold_tables
 

@@ -124,6 +124,27 @@ def batch_rows_tile(batch: int, out_width: int, simd: VectorUnit) -> Tuple[int, 
     return min(4, max(1, simd.registers // 2 // cols), -(-batch // simd.lanes)), cols
 
 
+# Threads split the batch, not the block rows, from this many batch rows (or from
+# SPLIT_BATCH_ROWS_NARROW when an output block is one vector wide or less), in the
+# kernel vectorised along the output (the batch-vectorised one keeps its rule). Split by
+# block rows, each thread walks every batch row once per block row, and the touched
+# columns of x come from memory again each time; split by batch, a thread keeps its
+# rows' tile in cache across all block rows. ms split by block rows -> by batch, one
+# interleaved run each, 10% density:
+#   M = 1024, 2048 x 2048, 32x32: forward 31.4 -> 10.8, grad-input 31.6 -> 12.4
+#   M = 4096, 1024 x 1024, 32x32: forward 33.2 -> 13.5, grad-input 32.7 -> 14.0
+#   M = 512, 2048 x 2048, 16x16: forward 25.9 -> 6.6, grad-input 26.8 -> 10.7
+#   M = 256, 2048 x 2048, 32x32: forward 2.43 -> 2.64, grad-input 2.68 -> 3.15 (blocks)
+#   output side of 8, M = 64 / 128 / 256 on 2048 x 2048: forward 8x8 1.42 -> 1.28 /
+#   2.56 -> 1.94 / 5.23 -> 4.09, 8x4 1.36 -> 1.00 / 2.74 -> 2.07 / 5.55 -> 3.94;
+#   grad-input 8x8 2.02 -> 1.40 / 3.07 -> 2.24 / 5.48 -> 4.85, 16x8 1.01 -> 0.90 /
+#   2.16 -> 1.66 / 4.89 -> 4.73
+#   a convolution's forward (gathered rows), 8x36 blocks (block-punched 8x4) of 64 ch
+#   at 32 x 32, batch 32 (M = 32768): 11.9 -> 7.4; 8x8 blocks of 128 ch at 16 x 16: 18.6 -> 6.8
+SPLIT_BATCH_ROWS = 512
+SPLIT_BATCH_ROWS_NARROW = 64
+
+
 # The heuristics are memoised: every kernel call asks them, and working a schedule out
 # took 12 us, a sixth of the 70 us kernel at M = 8 on 2048 x 2048 at 10% of 32 x 32.
 #
@@ -145,12 +166,17 @@ def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_ro
     implicit im2col (or the C++ host's), which the batch-vectorised kernel cannot take.
     """
     simd = simd or vector_unit()
-    parallel = "blocks" if out_block_rows >= 4 * threads else "batch"
+    few_block_rows = out_block_rows < 4 * threads
     unroll = _largest_divisor_at_most(in_depth, 4)
     if out_width < simd.lanes and batch >= simd.lanes and transposable:
+        # Split by batch, a thread reads a strip of every row of the transposed input:
+        # 8x4 grad-input at M = 256 took 9.0-10.0 ms against 6.6-7.9 split by block rows.
+        parallel = "batch" if few_block_rows else "blocks"
         return Schedule(*batch_rows_tile(batch, out_width, simd), unroll, parallel, "batch")
+    split_batch = (few_block_rows or batch >= SPLIT_BATCH_ROWS
+                   or (out_width <= simd.lanes and batch >= SPLIT_BATCH_ROWS_NARROW))
     rows, cols = _tile(out_width, simd)
-    return Schedule(_rows_for_batch(batch, rows), cols, unroll, parallel)
+    return Schedule(_rows_for_batch(batch, rows), cols, unroll, "batch" if split_batch else "blocks")
 
 
 # Blocks of at most this many entries take the batch-vectorised grad-weight, at batches
