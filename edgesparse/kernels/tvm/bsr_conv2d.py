@@ -141,9 +141,11 @@ def conv2d_grad_input(
     rows = _rows_of(dy)
     # A schedule tuned on the linear grad-input applies, unless it vectorises along the batch,
     # which needs the rows transposed: this kernel scatters them into the image as it goes.
-    tuned_linear = tuned("grad_input", W, rows.shape[0])
-    sched = (schedule or (tuned_linear if tuned_linear and tuned_linear.vector == "columns" else None)
-             or heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads(), transposable=False))
+    sched = schedule
+    if sched is None:
+        sched = tuned("grad_input", W, rows.shape[0])
+        if sched is None or sched.vector != "columns":
+            sched = heuristic_block_rows(rows.shape[0], bk, bn, W.block_cols, threads(), transposable=False)
     check_transposable(sched, gathered=True)
     check_fits(sched, bk, bn, "output")
     (ph, pw), image = padding, (channels, height, width)
