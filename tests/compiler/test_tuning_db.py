@@ -175,3 +175,34 @@ def test_kernels_use_the_tuned_schedule_and_ignore_a_bad_file(tmp_path, monkeypa
         fwd_module.bsr_linear(x, W)
     assert seen[-1] != tuned
     assert any("ignoring the tuning database" in str(c.message) for c in caught)
+
+
+def test_conv_grad_input_takes_a_tuned_column_schedule_and_skips_a_batch_one(tmp_path, monkeypatch):
+    """A convolution's grad-input scatters its rows into the image, so a schedule tuned
+    on the linear grad-input applies only in the column layout; a batch-vectorised one
+    (which needs the rows transposed) falls back to the heuristic."""
+    from edgesparse import BSR
+    from edgesparse.kernels.tvm import bsr_conv2d
+
+    path = tmp_path / "db.json"
+    monkeypatch.setenv(tuning.DB_ENV, str(path))
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 8, 5, 5, generator=g)
+    w = torch.randn(8, 27, generator=g)
+    W = BSR.from_dense(w, (4, 9), density=0.5)
+    seen = []
+    real = bsr_conv2d.check_fits
+    monkeypatch.setattr(bsr_conv2d, "check_fits", lambda s, *a: seen.append(s) or real(s, *a))
+    expected = torch.nn.grad.conv2d_input(x.shape, W.to_dense().double().reshape(8, 3, 3, 3), dy.double(), padding=1)
+    heuristic = None
+    for tuned in (Schedule(3, 9, 2, "blocks"), Schedule(2, 3, 1, "blocks", "batch")):
+        key, record = make_record("grad_input", (4, 9), "float32", ShapeClass.of(50, 8, 27, W.density),
+                                  Target.detect().fingerprint, versions(), tuned)
+        TuningDatabase(path).merge({key: record})
+        dx = bsr_conv2d.conv2d_grad_input(dy, W, x.shape, (3, 3), (1, 1), (1, 1), (1, 1))
+        assert torch.allclose(dx.double(), expected, atol=1e-4)
+        if tuned.vector == "columns":
+            assert seen[-1] == tuned
+        else:
+            heuristic = seen[-1]
+    assert heuristic.vector == "columns" and heuristic != Schedule(3, 9, 2, "blocks")
