@@ -28,6 +28,7 @@ kernel is then compiled here for the target's LLVM triple and CPU and uploaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import statistics
@@ -40,8 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..formats import BSR, pad_columns
-from ..kernels.tvm.schedule import (PARALLEL_CANDIDATES, Schedule, batch_rows_tile, batch_tile, heuristic_block_rows,
-                                    heuristic_grad_weight)
+from ..kernels.tvm.schedule import (PARALLEL_CANDIDATES, STACK_BYTES, Schedule, batch_rows_tile, batch_tile,
+                                    heuristic_block_rows, heuristic_grad_weight)
 from .target import Target, vector_unit, versions
 from .tuning import OPS, ShapeClass, TuningDatabase, make_record
 
@@ -90,8 +91,13 @@ def candidates(problem: Problem) -> List[Schedule]:
     broadcast and the load; and the batch-vectorised tiles whose accumulators and loads
     fit the registers (grad-weight: a tile of the block, one load per tile row and
     column; forward and grad-input: batch vectors by at most a vector's worth of output
-    columns, one load per vector and one broadcast)."""
+    columns, one load per vector and one broadcast). No tile of ``STACK_BYTES`` or more:
+    TVM moves it off the stack, out of the registers (4x slower, schedule.py)."""
     simd = vector_unit()
+
+    def on_stack(*floats: int) -> bool:
+        return 4 * math.prod(floats) < STACK_BYTES
+
     width, reduced = problem.tiled
     bn, bk = problem.block
     cols_options = [c for c in range(1, width + 1)
@@ -100,7 +106,7 @@ def candidates(problem: Problem) -> List[Schedule]:
     for cols in cols_options:
         vectors = -(-cols // simd.lanes)
         for rows in range(1, (simd.registers - 2) // vectors + 1):
-            if problem.op == "grad_weight" and bn % rows:
+            if (problem.op == "grad_weight" and bn % rows) or not on_stack(rows, cols):
                 continue
             for unroll in _UNROLLS:
                 if reduced is not None and reduced % unroll:
@@ -110,11 +116,12 @@ def candidates(problem: Problem) -> List[Schedule]:
     if problem.op == "grad_weight":
         out.extend(Schedule(rows, cols, unroll, "blocks", "batch")
                    for rows in range(1, bn + 1) for cols in range(1, bk + 1) for unroll in _UNROLLS
-                   if bn % rows == 0 and bk % cols == 0 and rows * cols + rows + cols <= simd.registers)
+                   if bn % rows == 0 and bk % cols == 0 and rows * cols + rows + cols <= simd.registers
+                   and on_stack(rows, cols, simd.lanes))
     else:  # batch vectors x output columns (at most a vector's worth), plus a load and a broadcast
         out.extend(Schedule(vectors, cols, unroll, p, "batch")
                    for cols in range(1, min(width, simd.lanes) + 1) if width % cols == 0
-                   for vectors in range(1, (simd.registers - 1) // (cols + 1) + 1)
+                   for vectors in range(1, (simd.registers - 1) // (cols + 1) + 1) if on_stack(vectors, cols, simd.lanes)
                    for unroll in _UNROLLS if reduced % unroll == 0
                    for p in PARALLEL_CANDIDATES)
     return out

@@ -27,6 +27,9 @@ def test_candidates_fit_the_kernel(op, block):
     width, reduced = {"forward": (bn, bk), "grad_input": (bk, bn), "grad_weight": (bk, None)}[op]
     lanes, registers = vector_unit().lanes, vector_unit().registers
     for s in cands:
+        # fp32 accumulators of one tile: TVM puts 1 KiB or more in the workspace, not on the stack
+        accumulators = s.rows * s.cols * (lanes if s.vector == "batch" else 1)
+        assert 4 * accumulators < 1024, s
         if s.vector == "batch" and op == "grad_weight":  # a tile of the block, one vector accumulator per entry
             assert bn % s.rows == 0 and bk % s.cols == 0 and s.parallel == "blocks"
             assert s.rows * s.cols + s.rows + s.cols <= registers

@@ -85,6 +85,63 @@ def test_the_heuristic_vectorises_narrow_outputs_along_the_batch():
     assert heuristic_block_rows(256, 4, 8, 512, 2, avx2, transposable=False).vector == "columns"
 
 
+@pytest.mark.parametrize("simd", [(8, 16), (16, 32), (4, 32)], ids=["avx2", "avx512", "neon"])
+def test_the_heuristics_keep_their_accumulators_under_tvms_stack_limit(simd):
+    """TVM keeps a buffer on the stack (where LLVM makes registers of it) only below 1 KiB."""
+    from edgesparse.compiler.target import VectorUnit
+    from edgesparse.kernels.tvm.schedule import heuristic_block_rows, heuristic_grad_weight
+
+    unit = VectorUnit(*simd)
+
+    def accumulator_bytes(s):
+        return 4 * s.rows * s.cols * (unit.lanes if s.vector == "batch" else 1)
+
+    for side in (1, 2, 4, 8, 16, 32, 36, 64):
+        for batch in (1, 8, 32, 256, 1024):
+            for transposable in (True, False):
+                s = heuristic_block_rows(batch, side, 32, 64, 2, unit, transposable)
+                assert accumulator_bytes(s) < 1024, (side, batch, s)
+                for other in (1, 4, 8, 16, 32, 64):
+                    g = heuristic_grad_weight((other, side), batch, unit, transposable)
+                    assert accumulator_bytes(g) < 1024, ((other, side), batch, g)
+
+
+def test_tvm_takes_an_accumulator_tile_of_the_stack_limit_off_the_stack():
+    """The premise of STACK_BYTES: a 7 x 32 fp32 tile (896 B) stays a stack buffer that LLVM
+    keeps in registers; an 8 x 32 one (1 KiB) is allocated from TVM's workspace."""
+    import tvm
+
+    from edgesparse.kernels.tvm._block_rows import kernel_recipe
+    from edgesparse.kernels.tvm.schedule import STACK_BYTES
+
+    def uses_workspace(schedule):
+        maker, params = kernel_recipe(32, 32, schedule, False, False, False)
+        executable = tvm.compile(tvm.IRModule({"main": maker(*params)}), target="llvm")
+        module = getattr(executable, "mod", executable)
+        sources = [module.inspect_source("ll")] + [m.inspect_source("ll") for m in module.imports]
+        return any("TVMBackendAllocWorkspace" in text for text in sources)
+
+    rows = STACK_BYTES // (4 * 32)
+    assert uses_workspace(Schedule(rows, 32, 1))
+    assert not uses_workspace(Schedule(rows - 1, 32, 1))
+
+
+def test_the_avx512_heuristic_tiles():
+    """On AVX-512 the two-vector tile stops at 7 rows (8 would be 1 KiB); a one-vector tile
+    at 8 rows; an output side of 8 stays along the output, one of 4 goes along the batch."""
+    from edgesparse.compiler.target import VectorUnit
+    from edgesparse.kernels.tvm.schedule import heuristic_block_rows, heuristic_grad_weight
+
+    avx512 = VectorUnit(16, 32)
+    assert heuristic_block_rows(256, 32, 32, 64, 2, avx512) == Schedule(7, 32, 4, "blocks")
+    assert heuristic_block_rows(256, 64, 64, 16, 2, avx512) == Schedule(7, 32, 4, "blocks")
+    assert heuristic_block_rows(256, 16, 16, 128, 2, avx512) == Schedule(8, 16, 4, "batch")
+    assert heuristic_block_rows(256, 8, 8, 256, 2, avx512) == Schedule(8, 8, 4, "batch")
+    assert heuristic_block_rows(256, 4, 8, 512, 2, avx512) == Schedule(2, 4, 4, "blocks", "batch")
+    assert heuristic_grad_weight((32, 32), 256, avx512) == Schedule(4, 32, 4, "blocks")
+    assert heuristic_grad_weight((8, 4), 256, avx512) == Schedule(4, 2, 1, "blocks", "batch")
+
+
 def test_the_heuristic_splits_long_batches_and_narrow_outputs_between_threads():
     from edgesparse.compiler.target import VectorUnit
     from edgesparse.kernels.tvm.schedule import heuristic_block_rows

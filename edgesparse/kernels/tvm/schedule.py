@@ -15,10 +15,12 @@ x 256x2048, W 2048x2048), GFLOP/s on the nonzeros, best tile first:
 
 A tile two vectors wide and half the registers deep in accumulators (4 x 16 on AVX2)
 was best or within 12% of best in every case, so both heuristics use it. On AVX-512
-(16 lanes, 32 registers) the same rule gives 8 x 32; that is the rule scaled, not a
-measurement. Blocks narrower than a vector (an output side of 1, 2 or 4 on AVX2, or few
-entries in grad-weight) vectorise along the batch instead (``vector='batch'``; the
-measurements are beside ``heuristic_block_rows`` and ``heuristic_grad_weight``).
+(16 lanes, 32 registers) that rule alone gives 8 x 32 = 1 KiB of accumulators, which
+TVM does not keep on the stack (``accumulator_vectors``), so there the tile stops one
+vector short: 7 x 32. Blocks narrower than a vector (an output side of 1, 2 or 4 on
+AVX2, or few entries in grad-weight) vectorise along the batch instead
+(``vector='batch'``; the measurements are beside ``heuristic_block_rows`` and
+``heuristic_grad_weight``).
 """
 
 from __future__ import annotations
@@ -96,13 +98,36 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+# TVM keeps a constant-size buffer on the stack only below 1 KiB (kMaxStackAlloca in its
+# lower_tvm_builtin pass); from 1 KiB up it takes it from the workspace allocator, LLVM
+# can no longer promote it to registers, and every FMA of the tile goes through memory.
+# AVX2's tiles stayed far below; AVX-512's half-the-registers tiles hit it exactly. Zen 5
+# (AVX-512), x 256 x 2048 by 2048 x 2048 at 10%, one interleaved run, ms: forward 32x32,
+# tile 6 x 32 0.51, 7 x 32 0.50, 8 x 32 (1 KiB) 2.12, 10 x 32 2.10; forward 16x16,
+# 8 x 16 0.64, 12 x 16 0.70, 15 x 16 0.92, 16 x 16 (1 KiB) 4.22.
+STACK_BYTES = 1024
+
+# The register tile is at most this many batch rows (grad-weight: block rows) tall: on
+# AVX-512 the one-vector tile got slower past 8 rows though the registers would hold 15
+# (the 16x16 forward above: 8 rows 0.64 ms, 9 0.67, 12 0.70, 15 0.92); each row is one
+# more broadcast load per FMA. AVX2's half of 16 registers gave 8 before this cap.
+MAX_TILE_ROWS = 8
+
+
+def accumulator_vectors(simd: VectorUnit) -> int:
+    """Vector accumulators in one register tile: half the registers (the other half
+    loads and broadcasts), and together under ``STACK_BYTES`` (fp32): 8 on AVX2, 15 on
+    AVX-512, 16 on NEON."""
+    return min(simd.registers // 2, (STACK_BYTES - 1) // (4 * simd.lanes))
+
+
 def _tile(width: int, simd: VectorUnit) -> Tuple[int, int]:
     """(rows, cols) of the register tile over an output side of ``width`` columns: two
-    vectors wide (or the whole side when it is narrower or not a multiple), with half
-    the vector registers holding accumulators."""
+    vectors wide (or the whole side when it is narrower or not a multiple), as many rows
+    as ``accumulator_vectors`` allows, at most ``MAX_TILE_ROWS``."""
     cols = width if width <= 2 * simd.lanes else _largest_divisor_at_most(width, 2 * simd.lanes)
     vectors = -(-cols // simd.lanes)
-    return max(1, simd.registers // 2 // vectors), cols
+    return max(1, min(MAX_TILE_ROWS, accumulator_vectors(simd) // vectors)), cols
 
 
 def _rows_for_batch(batch: int, max_rows: int) -> int:
@@ -116,12 +141,20 @@ def _rows_for_batch(batch: int, max_rows: int) -> int:
     return min(range(1, max_rows + 1), key=lambda r: (batch // r) * (max(r, 4) + 1) + (batch % r) * 5)
 
 
+# Vector accumulators of the batch-vectorised block-row tile: AVX2's half of its 16
+# registers, kept on AVX-512 where more measured slower (forward 4x8, M = 256 on
+# 2048 x 2048 at 10%, Zen 5: 2 x 4 tile 1.43 ms, 3 x 4 1.52; 2x8 blocks 2 x 2 2.02, 4 x 2 2.32).
+BATCH_ROWS_ACCUMULATORS = 8
+
+
 def batch_rows_tile(batch: int, out_width: int, simd: VectorUnit) -> Tuple[int, int]:
     """(vectors of batch rows, output columns) of the batch-vectorised block-row tile: at
-    most a vector's worth of the output side, and batch vectors to fill about half the
-    registers with accumulators (2 x 4, 4 x 2, 4 x 1 on AVX2), as many as there are."""
-    cols = _largest_divisor_at_most(out_width, simd.lanes)
-    return min(4, max(1, simd.registers // 2 // cols), -(-batch // simd.lanes)), cols
+    most a vector's worth of the output side, and batch vectors for up to
+    ``BATCH_ROWS_ACCUMULATORS`` accumulators (2 x 4, 4 x 2, 4 x 1), at most 4, as many
+    as there are."""
+    accumulators = min(BATCH_ROWS_ACCUMULATORS, accumulator_vectors(simd))
+    cols = _largest_divisor_at_most(out_width, min(simd.lanes, accumulators))
+    return min(4, max(1, accumulators // cols), -(-batch // simd.lanes)), cols
 
 
 # Threads split the batch, not the block rows, from this many batch rows (or from
@@ -155,6 +188,11 @@ SPLIT_BATCH_ROWS_NARROW = 64
 # 2x8 11 -> 32 / 15 -> 45 / 16 -> 25; grad-input 8x4 16 -> 26 / 12 -> 31 / 21 -> 25, 4x1
 # 5 -> 20 / 6 -> 33 / 8 -> 14, 16x4 27 -> 39 / 30 -> 50 / 26 -> 25. Output blocks of a
 # vector or more stayed along the output (forward 8x8 41 -> 34 at M = 256, 16x4 56 -> 30).
+# On AVX-512 (Zen 5) an output side of 8, half a vector, also stayed along the output:
+# forward 8x8, ms along the output (8 x 8 tile) -> along the batch (1 x 8), M = 256:
+# 1.24 -> 1.62; M = 32: 0.150 -> 0.150. A side of 4 or less went along the batch (4x8,
+# M = 256: 4.37 -> 1.43; 2x8: 10.98 -> 2.02).
+BATCH_LAYOUT_MAX_WIDTH = 4
 @functools.lru_cache(maxsize=1024)
 def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_rows: int, threads: int,
                          simd: VectorUnit | None = None, transposable: bool = True) -> Schedule:
@@ -168,7 +206,7 @@ def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_ro
     simd = simd or vector_unit()
     few_block_rows = out_block_rows < 4 * threads
     unroll = _largest_divisor_at_most(in_depth, 4)
-    if out_width < simd.lanes and batch >= simd.lanes and transposable:
+    if out_width < simd.lanes and out_width <= BATCH_LAYOUT_MAX_WIDTH and batch >= simd.lanes and transposable:
         # Split by batch, a thread reads a strip of every row of the transposed input:
         # 8x4 grad-input at M = 256 took 9.0-10.0 ms against 6.6-7.9 split by block rows.
         parallel = "batch" if few_block_rows else "blocks"
@@ -196,11 +234,11 @@ BATCH_VECTOR_MAX_ENTRIES = 32
 
 def batch_tile(bn: int, bk: int, simd: VectorUnit) -> Tuple[int, int]:
     """(rows, cols) of the block covered by one batch-vectorised tile: as many vector
-    accumulators as half the registers hold (the other half loads a vector of dy per
-    row and of x per column); among equals, rows nearest 2 x cols (8x4 blocks at M =
+    accumulators as ``accumulator_vectors`` allows (the other registers load a vector of
+    dy per row and of x per column); among equals, rows nearest 2 x cols (8x4 blocks at M =
     256, ms at unroll 1 / 2: 4 x 2 8.1 / 6.9, 2 x 4 8.6 / 7.9, 8 x 1 9.8 / 9.1)."""
     fits = [(r, c) for r in range(1, bn + 1) for c in range(1, bk + 1)
-            if bn % r == 0 and bk % c == 0 and r * c <= simd.registers // 2]
+            if bn % r == 0 and bk % c == 0 and r * c <= accumulator_vectors(simd)]
     return max(fits, key=lambda rc: (rc[0] * rc[1], -abs(rc[0] - 2 * rc[1])))
 
 
@@ -216,12 +254,12 @@ def heuristic_grad_weight(block: Tuple[int, int], batch: int, simd: VectorUnit |
         return Schedule(*batch_tile(bn, bk, simd), 1, "blocks", "batch")
     rows, cols = _tile(bk, simd)
     whole_side_vectors = -(-bk // simd.lanes)
-    if bk % simd.lanes and whole_side_vectors <= simd.registers // 2:
+    if bk % simd.lanes and whole_side_vectors <= accumulator_vectors(simd):
         # A side that is no multiple of the vector (the block-punched 8 x 36) is tiled
         # whole: each step loads the panel's row once, in full vectors but the last.
         # 8 x 36 blocks of a 256-channel 3x3 conv at 10%, batch 32 on 8x8: 1 x 36 took
         # 33 ms against 91 for _tile's 4 x 12 (one thread), 52-76 against 74-84 (two).
-        rows, cols = max(1, simd.registers // 2 // whole_side_vectors), bk
+        rows, cols = max(1, accumulator_vectors(simd) // whole_side_vectors), bk
     rows = _largest_divisor_at_most(bn, rows)
     # A tile that is the whole block reads dy and x in place (a gathered input is always
     # copied), and there unrolling the batch by 2 beat 4: 8x8 blocks, ms for u1 / u2 / u4,
