@@ -140,6 +140,11 @@ def test_the_avx512_heuristic_tiles():
     assert heuristic_block_rows(256, 4, 8, 512, 2, avx512) == Schedule(2, 4, 4, "blocks", "batch")
     assert heuristic_grad_weight((32, 32), 256, avx512) == Schedule(4, 32, 4, "blocks")
     assert heuristic_grad_weight((8, 4), 256, avx512) == Schedule(4, 2, 1, "blocks", "batch")
+    # A side of 36 (block-punched 8x4 convs): no tile ending in a vector under half full
+    # (18 = 16 + 2, 36 = 2 x 16 + 4) on AVX-512; on AVX2 36 = 4 x 8 + 4 stays whole.
+    assert heuristic_block_rows(2048, 36, 8, 32, 2, avx512, transposable=False) == Schedule(8, 12, 4, "batch")
+    assert heuristic_grad_weight((8, 36), 2048, avx512, transposable=False) == Schedule(8, 12, 4, "blocks")
+    assert heuristic_grad_weight((8, 36), 2048, VectorUnit(8, 16), transposable=False) == Schedule(1, 36, 4, "blocks")
 
 
 def test_the_heuristic_splits_long_batches_and_narrow_outputs_between_threads():

@@ -121,11 +121,25 @@ def accumulator_vectors(simd: VectorUnit) -> int:
     return min(simd.registers // 2, (STACK_BYTES - 1) // (4 * simd.lanes))
 
 
+def _last_vector_under_half(cols: int, simd: VectorUnit) -> bool:
+    """Whether a tile ``cols`` wide ends in a vector less than half full.
+
+    Such tiles ran slow on AVX-512 (Zen 5): a block-punched conv's 8 x 36 blocks (256 ch,
+    8 x 8, batch 32, 10%), ms: grad-input tile 7 x 18 (16 + 2) 5.33, 4 x 36 (2 x 16 + 4)
+    8.77, 8 x 12 1.85; grad-weight 4 x 36 6.49, 8 x 12 3.27. On AVX2 (Zen 3) the same
+    sides end half full (12 = 8 + 4, 36 = 4 x 8 + 4), and there the whole 36 was best."""
+    return 0 < cols % simd.lanes < simd.lanes / 2
+
+
 def _tile(width: int, simd: VectorUnit) -> Tuple[int, int]:
     """(rows, cols) of the register tile over an output side of ``width`` columns: two
-    vectors wide (or the whole side when it is narrower or not a multiple), as many rows
-    as ``accumulator_vectors`` allows, at most ``MAX_TILE_ROWS``."""
+    vectors wide (or the whole side when it is narrower or not a multiple), not ending
+    in a vector under half full where a divisor avoids it, as many rows as
+    ``accumulator_vectors`` allows, at most ``MAX_TILE_ROWS``."""
     cols = width if width <= 2 * simd.lanes else _largest_divisor_at_most(width, 2 * simd.lanes)
+    if _last_vector_under_half(cols, simd):
+        fuller = [c for c in range(1, cols) if width % c == 0 and not _last_vector_under_half(c, simd)]
+        cols = max(fuller, default=cols)
     vectors = -(-cols // simd.lanes)
     return max(1, min(MAX_TILE_ROWS, accumulator_vectors(simd) // vectors)), cols
 
@@ -254,7 +268,7 @@ def heuristic_grad_weight(block: Tuple[int, int], batch: int, simd: VectorUnit |
         return Schedule(*batch_tile(bn, bk, simd), 1, "blocks", "batch")
     rows, cols = _tile(bk, simd)
     whole_side_vectors = -(-bk // simd.lanes)
-    if bk % simd.lanes and whole_side_vectors <= accumulator_vectors(simd):
+    if bk % simd.lanes and whole_side_vectors <= accumulator_vectors(simd) and not _last_vector_under_half(bk, simd):
         # A side that is no multiple of the vector (the block-punched 8 x 36) is tiled
         # whole: each step loads the panel's row once, in full vectors but the last.
         # 8 x 36 blocks of a 256-channel 3x3 conv at 10%, batch 32 on 8x8: 1 x 36 took
