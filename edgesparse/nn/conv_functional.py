@@ -62,13 +62,15 @@ _sparse_conv2d = SparseOp("edgesparse::sparse_conv2d", _conv_impl, _conv_fake)
 # traced gradient's strides, which the real one need not have).
 def _grad_input_impl(
     dy: Tensor, values: Tensor, index: List[Tensor], n: int, k: int, x_shape: List[int],
-    kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
+    kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int], channels_last: bool,
 ) -> Tensor:
-    return _kernels().conv2d_grad_input(dy, _weight(values, index, n, k), x_shape, kernel_size, stride, padding, dilation)
+    return _kernels().conv2d_grad_input(dy, _weight(values, index, n, k), x_shape, kernel_size, stride, padding, dilation,
+                                        channels_last=channels_last)
 
 
-def _grad_input_fake(dy, values, index, n, k, x_shape, kernel_size, stride, padding, dilation):
-    return dy.new_empty(x_shape)
+def _grad_input_fake(dy, values, index, n, k, x_shape, kernel_size, stride, padding, dilation, channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return dy.new_empty(x_shape).contiguous(memory_format=layout)
 
 
 _sparse_conv2d_grad_input = SparseOp("edgesparse::sparse_conv2d_grad_input", _grad_input_impl, _grad_input_fake)
@@ -93,6 +95,9 @@ def _setup_context(ctx, inputs, output):
     # x is kept only for the weight gradient: a frozen layer does not hold its input alive.
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, grad_blocks, grad_elements, *index, *grad_index)
     ctx.n, ctx.k, ctx.index_len, ctx.x_shape = n, k, len(index), list(x.shape)
+    # dx takes x's layout: our conv's output, and so the activations between two sparse
+    # convs, are channels-last, and an NCHW gradient against them slows every op it meets.
+    ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     ctx.geometry = (kernel_size, stride, padding, dilation)
 
 
@@ -103,7 +108,7 @@ def _backward(ctx, dy, eager: bool):
     n, k, geometry = ctx.n, ctx.k, ctx.geometry
     dx = dvalues = dbias = None
     if needs_x:
-        dx = _sparse_conv2d_grad_input.run(eager, dy, values, index, n, k, ctx.x_shape, *geometry)
+        dx = _sparse_conv2d_grad_input.run(eager, dy, values, index, n, k, ctx.x_shape, *geometry, ctx.channels_last)
     if needs_values:  # with gradient masking, only the mask's blocks are computed
         dvalues = masked_weight_grad(
             lambda v, i: _sparse_conv2d_grad_weight.run(eager, dy, x, v, i, n, k, *geometry),

@@ -94,6 +94,25 @@ def test_input_layouts(layout, gen):
     check_against_dense(conv, layer, block, mask, x, gen)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_input_gradient_takes_the_inputs_layout(channels_last, gen):
+    """dx comes back in x's memory layout (the raw gradient, before autograd's layout
+    contract could copy it), with the float64 dense conv's values."""
+    conv, block, mask = masked_conv(CASES["3x3-s1-p1-K45-not-multiple-of-bk"], random_mask, gen)
+    layer = SparseConv2d.from_dense(conv, block)
+    x = randn((2, conv.in_channels, 9, 8), gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = randn((2, conv.out_channels, 9, 8), gen)
+    with edgesparse.use_backend("tvm"):
+        (dx,) = torch.autograd.grad(layer(x), x, dy)
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x64 = to64(x.detach()).requires_grad_()
+    (expected,) = torch.autograd.grad(copy.deepcopy(conv).double()(x64), x64, to64(dy))
+    assert_close(dx, expected, torch.float32, "grad-input")
+
+
 def test_output_is_channels_last(gen):
     """The kernel's rows [B*OH*OW, C_out] are a channels-last image: returned without a copy."""
     layer = SparseConv2d(4, 8, 3, (4, 8), 0.5, padding=1)

@@ -128,11 +128,16 @@ def conv2d_grad_weight(
 
 def conv2d_grad_input(
     dy: torch.Tensor, W: BSR, x_shape: Sequence[int], kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair,
-    schedule: Optional[Schedule] = None,
+    schedule: Optional[Schedule] = None, channels_last: bool = False,
 ) -> torch.Tensor:
-    """dL/dx [B, C, H, W] (NCHW) from dy [B, N, OH, OW]: see :func:`_make_grad_input`."""
+    """dL/dx [B, C, H, W] from dy [B, N, OH, OW]: see :func:`_make_grad_input`. NCHW in
+    memory, or channels-last with ``channels_last`` (pass x's layout: the gradient then
+    meets x's own layout in the ops before the conv; ReLU's backward of a 32 x 64 x 32 x 32
+    gradient took 4.6 ms with NCHW against a channels-last ReLU output, 0.23 ms with both
+    alike)."""
     batch, channels, height, width = (int(d) for d in x_shape)
-    dx = torch.empty(batch, channels, height, width, dtype=dy.dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    dx = torch.empty(batch, channels, height, width, dtype=dy.dtype, memory_format=layout)
     if dx.numel() == 0:
         return dx
     if W.nnz_blocks == 0 or dy.numel() == 0:
@@ -151,26 +156,29 @@ def conv2d_grad_input(
     (ph, pw), image = padding, (channels, height, width)
     padded = (height + 2 * ph, width + 2 * pw)
     out_size = output_size(height, width, kernel_size, stride, padding, dilation)
-    # The scatter tables address one padded image [C, Hp, Wp] (the kernel's scratch).
+    # The scatter tables address one padded image (the kernel's scratch) in dx's layout:
+    # [C, Hp, Wp], or [Hp, Wp, C] channels-last.
+    plane = padded[0] * padded[1]
+    strides = (plane * channels, 1, padded[1] * channels, channels) if channels_last else (plane * channels, plane, padded[1], 1)
     row_base, col_off = _tables(
-        (1, channels), (channels * padded[0] * padded[1], padded[0] * padded[1], padded[1], 1), out_size,
-        W.padded_shape[1], tuple(kernel_size), tuple(stride), tuple(dilation),
+        (1, channels), strides, out_size, W.padded_shape[1], tuple(kernel_size), tuple(stride), tuple(dilation),
     )
     geometry = tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
-    fn = compiled(_make_grad_input, bk, bn, sched, image, geometry)
+    fn = compiled(_make_grad_input, bk, bn, sched, image, geometry, channels_last)
     fn(
         kernel_arg(pad_columns(rows, W.padded_shape[0])), kernel_arg(W.values), kernel_arg(W.col_offsets),
-        kernel_arg(W.col_order_rows), kernel_arg(W.col_order), row_base, col_off, dx,
+        kernel_arg(W.col_order_rows), kernel_arg(W.col_order), row_base, col_off,
+        dx.permute(0, 2, 3, 1) if channels_last else dx,  # [B, H, W, C]: a contiguous view of dx
     )
     return dx
 
 
-def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int], geometry):
+def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int], geometry, channels_last: bool):
     """dx = col2im(dy @ W) in one pass, the rows d = dy @ W never stored.
 
     A thread owns whole images, so no two threads add into the same pixel (no atomics).
-    For each image it zeroes a padded scratch image [C, Hp, Wp] (in cache: 296 KiB at
-    64 x 32 x 32), walks its output pixels in tiles of ``rows``; for each of W's block
+    For each image it zeroes a padded scratch image [C, Hp, Wp] ([Hp, Wp, C] when dx is
+    channels-last; in cache: 296 KiB at 64 x 32 x 32), walks its output pixels in tiles of ``rows``; for each of W's block
     columns that holds a block, the grad-input tile (dy's rows times the column's blocks,
     as in _block_rows.py) is added into the scratch at ``row_base[m] + col_off[k]``, the
     address im2col read it from; then it copies the scratch's interior out to dx.
@@ -217,7 +225,7 @@ def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int
         ids = T.match_buffer(ids_h, (NNZ,), "int32")
         row_base = T.match_buffer(row_base_h, (pixels,), "int32")
         col_off = T.match_buffer(col_off_h, (KP,), "int32")
-        dx = T.match_buffer(dx_h, (B, channels, height, width), "float32")
+        dx = T.match_buffer(dx_h, (B, height, width, channels) if channels_last else (B, channels, height, width), "float32")
         for b in T.parallel(B):
             scratch = T.alloc_buffer((channels * plane,), "float32")
             for e in T.serial(channels * plane):
@@ -230,9 +238,15 @@ def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int
                 for i in T.serial(NOFF - 1):
                     if off[i + 1] > off[i]:
                         tile(dy, row_base, col_off, V, off, idx, ids, scratch, i, b * pixels, pixels - pixels % MT + m, 1)
-            for c in T.serial(channels):
+            if channels_last:
                 for ih in T.serial(height):
                     for iw in T.serial(width):
-                        dx[b, c, ih, iw] = scratch[c * plane + (ih + ph) * wp + iw + pw]
+                        for c in T.serial(channels):
+                            dx[b, ih, iw, c] = scratch[((ih + ph) * wp + iw + pw) * channels + c]
+            else:
+                for c in T.serial(channels):
+                    for ih in T.serial(height):
+                        for iw in T.serial(width):
+                            dx[b, c, ih, iw] = scratch[c * plane + (ih + ph) * wp + iw + pw]
 
     return grad_input
