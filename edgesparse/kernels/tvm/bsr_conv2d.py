@@ -178,8 +178,8 @@ def _make_grad_input(P: int, Q: int, sched: Schedule, image: Tuple[int, int, int
 
     A thread owns whole images, so no two threads add into the same pixel (no atomics).
     For each image it zeroes a padded scratch image [C, Hp, Wp] ([Hp, Wp, C] when dx is
-    channels-last; in cache: 296 KiB at 64 x 32 x 32), walks its output pixels in tiles of ``rows``; for each of W's block
-    columns that holds a block, the grad-input tile (dy's rows times the column's blocks,
+    channels-last; in cache: 296 KiB at 64 x 32 x 32), walks its output pixels in tiles
+    of ``rows``; for each of W's block columns that holds a block, the grad-input tile (dy's rows times the column's blocks,
     as in _block_rows.py) is added into the scratch at ``row_base[m] + col_off[k]``, the
     address im2col read it from; then it copies the scratch's interior out to dx.
     Block columns without a block cost nothing (layer 1 of the 90%-pruned ResNet-18

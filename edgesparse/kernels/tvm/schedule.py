@@ -204,9 +204,11 @@ SPLIT_BATCH_ROWS_NARROW = 64
 # vector or more stayed along the output (forward 8x8 41 -> 34 at M = 256, 16x4 56 -> 30).
 # On AVX-512 (Zen 5) an output side of 8, half a vector, also stayed along the output:
 # forward 8x8, ms along the output (8 x 8 tile) -> along the batch (1 x 8), M = 256:
-# 1.24 -> 1.62; M = 32: 0.150 -> 0.150. A side of 4 or less went along the batch (4x8,
-# M = 256: 4.37 -> 1.43; 2x8: 10.98 -> 2.02).
+# 1.24 -> 1.62; M = 32: 0.150 -> 0.150. A side of 4 or less went along the batch (best
+# tile of each layout, M = 256: 4x8 4.35 -> 1.43; 2x8 8.47 -> 2.02).
 BATCH_LAYOUT_MAX_WIDTH = 4
+
+
 @functools.lru_cache(maxsize=1024)
 def heuristic_block_rows(batch: int, out_width: int, in_depth: int, out_block_rows: int, threads: int,
                          simd: VectorUnit | None = None, transposable: bool = True) -> Schedule:
