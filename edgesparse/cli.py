@@ -134,8 +134,9 @@ def _train_settings(args: argparse.Namespace) -> dict:
     settings["block"] = tuple(settings["block"]) if len(settings["block"]) == 2 else (settings["block"][0],) * 2
     for key in ("strategy", "lr", "momentum", "seed", "ddr_fraction", "dgm_fraction", "tdm_delta", "distribution", "batch_size", "buffer_batch"):
         settings[key] = getattr(args, key)
-    if args.init_gain is not None:
-        settings["init_gain"] = args.init_gain
+    for key in ("init_gain", "alpha", "beta"):  # RunConfig's defaults unless given
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     return settings
 
 
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-gain", dest="init_gain", type=float, default=None,
                    help="hidden-to-hidden layers' initial weights x this, both runs (default: RunConfig's, 1.5; 1 = torch's default)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, both runs (default 0.9)")
+    t.add_argument("--alpha", type=float, default=None,
+                   help="DER++: weight of the MSE to the buffer's stored logits, both runs (default: RunConfig's, 0.1)")
+    t.add_argument("--beta", type=float, default=None,
+                   help="DER++: weight of the cross-entropy on the buffer's labels, both runs (default: RunConfig's, 2.0)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="output directory (default results/train-<time>)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",

@@ -12,7 +12,7 @@ Split-MNIST1D (DER++, 256-wide MLP, 3 epochs, lr 0.1) tasks 2-5 scored 4%, 2%, 3
 - ``joint``: nothing either, but the trainer feeds it every task seen so far (the upper bound);
 - ``er``: + CE on a buffer batch;
 - ``derpp``: + α·MSE(logits, stored logits) on one buffer batch + β·CE on another
-  (α = 0.1, β = 0.5, SparCL's defaults).
+  (here α = 0.1, β = 0.5, SparCL's defaults; ``RunConfig`` sets its own, see there).
 
 Current and buffer batches go through the model as one concatenated batch: the model
 has no batch statistics, so this is the same math as separate passes, and one larger
