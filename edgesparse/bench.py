@@ -121,8 +121,11 @@ _WARMUP_SECONDS = 0.05
 
 
 def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int = 3,
-                  progress: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
-    """Median seconds per call of each provider (``progress`` hears of each round done).
+                  progress: Optional[Callable[[str], None]] = None,
+                  before: Optional[Dict[str, Callable[[], object]]] = None) -> Dict[str, float]:
+    """Median seconds per call of each provider (``progress`` hears of each round done;
+    ``before[name]``, where given, runs before each of that provider's timed calls,
+    outside the timing).
 
     Each round runs every provider in turn: a warm-up, then ``calls`` timed calls. The
     warm-up matters on a 2-core machine: torch's OpenMP workers and TVM's thread pool
@@ -138,6 +141,8 @@ def _median_times(fns: Dict[str, Callable[[], object]], rounds: int, calls: int 
                 fn()
                 done += 1
             for _ in range(calls):
+                if before and name in before:
+                    before[name]()
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)

@@ -88,31 +88,53 @@ QUICK_CASES: Tuple[TrainingCase, ...] = (
 )
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
-    """One training step: forward, cross-entropy, backward, plain SGD update, and for
+def _sgd_update(model: nn.Module) -> Callable[[], None]:
+    """The update that ends a training step: plain SGD on model's parameters, and for
     power-of-two layers SmartDeal's re-quantization of C (their update is not done without it)."""
     from .nn.pow2 import _Pow2Layer, requantize_
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     pow2 = any(isinstance(m, _Pow2Layer) for m in model.modules())
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), target).backward()
+    def update():
         optimizer.step()
         if pow2:
             requantize_(model)
+    return update
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+    """One training step: forward, cross-entropy, backward, the update (``_sgd_update``)."""
+    update = _sgd_update(model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        update()
     return step
 
 
 def fwd_bwd_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
     """One forward + backward of ``layer`` (its gradients and x's cleared first): what the
-    conv rows here and the mapper's per-layer latencies time."""
+    conv rows here time."""
     def fwd_bwd():
         layer.zero_grad(set_to_none=True)
         x.grad = None
         layer(x).backward(dy)
     return fwd_bwd
+
+
+def layer_step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """What ``layer`` adds to a training step: forward, backward from dy, and the update of
+    its parameters (``_sgd_update``), which also makes the next forward rebuild a sparse
+    layer's transposed copy of W. The mapper's per-layer latencies time this."""
+    update = _sgd_update(layer)
+    fwd_bwd = fwd_bwd_fn(layer, x, dy)
+
+    def step():
+        fwd_bwd()
+        update()
+    return step
 
 
 def run_case(case: TrainingCase, rounds: int, seed: int = 0) -> TrainingRow:

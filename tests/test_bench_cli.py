@@ -94,3 +94,41 @@ def test_cold_pow2_case_cycles_through_copies_of_the_same_weight(monkeypatch):
     assert (pow2_copies, bsr_copies) == (5, 2)
     assert len(set(read["ours"])) == pow2_copies and read["ours"][:pow2_copies] == read["ours"][pow2_copies:2 * pow2_copies]
     assert len(set(read["bsr"])) == bsr_copies and read["bsr"][:bsr_copies] == read["bsr"][bsr_copies:2 * bsr_copies]
+
+
+def test_median_times_runs_before_ahead_of_each_timed_call_outside_the_timing():
+    """``before`` (the mapper's cache flush) runs once before every timed call, and its
+    20 ms are not in the median; the warm-up calls get none."""
+    import time
+
+    events = []
+
+    def slow_setup():
+        events.append("before")
+        time.sleep(0.02)
+
+    times = bench._median_times({"fast": lambda: events.append("call"), "plain": lambda: None}, rounds=2, calls=3,
+                                before={"fast": slow_setup})
+    assert times["fast"] < 0.005
+    timed = [i for i, e in enumerate(events) if e == "before"]
+    assert len(timed) == 2 * 3 and all(events[i + 1] == "call" for i in timed)
+    assert events.count("call") > 2 * 3  # the warm-up calls ran too, without it
+
+
+def test_layer_step_fn_runs_forward_backward_and_one_sgd_update():
+    """One call: the input gradient dy @ W, and W, b moved by -lr times dy^T x and the
+    column sums of dy (lr 1e-3), computed here in float64 from the weights before."""
+    from edgesparse.bench_training import layer_step_fn
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    x = torch.randn(5, 6, generator=g).requires_grad_()
+    dy = torch.randn(5, 4, generator=g)
+    w0, b0 = layer.weight.detach().double().clone(), layer.bias.detach().double().clone()
+    step = layer_step_fn(layer, x, dy)
+    step()
+    assert_close(x.grad, dy.double() @ w0, torch.float32, "input gradient")
+    assert_close(layer.weight.detach(), w0 - 1e-3 * dy.double().T @ x.detach().double(), torch.float32, "weight")
+    assert_close(layer.bias.detach(), b0 - 1e-3 * dy.double().sum(0), torch.float32, "bias")
+    step()  # gradients are cleared between calls, not summed
+    assert_close(x.grad, dy.double() @ (w0 - 1e-3 * dy.double().T @ x.detach().double()), torch.float32)

@@ -8,8 +8,9 @@ kept rows of C form (32 x 3) blocks), each at the densities of ``DENSITIES`` (as
 whole blocks they keep: the density stored is kept blocks / blocks, and an option
 keeping none is left out; power-of-two's sparsity is 1 - density).
 
-- Latency of a candidate: the layer's forward + backward on the input it sees in the
-  model (``LayerTimer``: measured, every layer's candidates interleaved, medians),
+- Latency of a candidate: the layer's forward, backward and SGD update on the input it
+  sees in the model, its weights cold (``LayerTimer``: measured, every layer's
+  candidates interleaved, medians),
   or any ``latency(layer, candidate, density) -> seconds`` given instead (tests
   inject one). The model's step latency is taken as the sum over its prunable layers
   plus a part no map changes.
@@ -38,6 +39,8 @@ keeping none is left out; power-of-two's sparsity is 1 - density).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import sys
 import time
@@ -47,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..bench_training import fwd_bwd_fn
+from ..bench_training import layer_step_fn
 from ..nn.pow2 import Pow2Scheme
 from ..nn.sparsify import SparseScheme
 from ..pow2.decompose import rounding_kept_energy
@@ -287,7 +290,24 @@ Latency = Callable[[Layer, Candidate, float], float]
 
 
 class LayerTimer:
-    """Measured latency of a layer's forward + backward under each candidate.
+    """Measured latency of what a layer adds to a training step under each candidate:
+    forward, backward and the SGD update of its parameters (``layer_step_fn``), each
+    timed call with the weights out of the caches and the layer's input and output
+    gradient in them (``_ColdWeights``), as in a step, where every other layer runs
+    between two calls of this one.
+
+    Why the update and the cold weights: timed as forward + backward called over and
+    over, a layer's weights stayed in the L3 and its values never changed, so the
+    forward's transposed copy of W was never rebuilt. The MLP map's 30%-dense first
+    layer (64x64 blocks, 2048², batch 256) was predicted at 3.65 ms and took 6.0 ms in
+    the step (torch profiler: forward 2.78, backward 3.23), and the searched map's step
+    less its predicted layers came to 5.2 ms against 3.8-4.1 ms for the uniform maps,
+    although that rest (ReLUs, classifier, loss) is the same work in every map. Four
+    `edgesparse map --model mlp --compare 3` runs each way: the searched map's rest
+    exceeded the uniform maps' by 0.54-0.64 ms timed as now, 0.68-1.79 ms before, and
+    the map's step beat the best uniform one by 1.029-1.107x (median 1.08), against
+    1.010-1.053x (1.045). ResNet-18's convs (dense weights of 14-900 KiB) moved within
+    the noise: 1.135-1.166x against 1.130-1.153x (three runs each).
 
     ``prepare([(layer, cands), ...])`` times every listed layer's candidates (dense, and
     each block at ``_TIMED_DENSITIES``) in one interleaved run (``bench._median_times``):
@@ -307,7 +327,8 @@ class LayerTimer:
     def prepare(self, work: Sequence[Tuple[Layer, Sequence[Candidate]]]) -> None:
         from ..bench import _median_times
 
-        fns = {}
+        fns, before = {}, {}
+        flush = _ColdWeights()
         for layer, cands in work:
             sig = layer.signature()
             todo = [(c, d) for c in cands for d in ((1.0,) if c.block is None else _TIMED_DENSITIES)
@@ -316,15 +337,17 @@ class LayerTimer:
                 continue
             g = torch.Generator().manual_seed(self.seed)
             x = torch.randn(layer.in_shape, generator=g).requires_grad_(layer.needs_input_grad)
-            dy = torch.randn(layer.module(x).shape, generator=g)
+            with torch.no_grad():
+                dy = torch.randn(layer.module(x).shape, generator=g)
             for c, d in todo:
-                fns[(sig, c, d)] = fwd_bwd_fn(_timed_module(layer, c, d), x, dy)
+                fns[(sig, c, d)] = layer_step_fn(_timed_module(layer, c, d), x, dy)
+                before[(sig, c, d)] = functools.partial(flush, x, dy)
         if not fns:
             return
         if self.progress:
             self.progress(f"timing {len(fns)} variants of {len({key[0] for key in fns})} distinct layers, "
                           f"{self.rounds} rounds, all interleaved")
-        self.table.update(_median_times(fns, self.rounds, progress=self.progress))
+        self.table.update(_median_times(fns, self.rounds, progress=self.progress, before=before))
 
     def __call__(self, layer: Layer, candidate: Candidate, density: float) -> float:
         sig = layer.signature()
@@ -338,15 +361,32 @@ class LayerTimer:
         return max(t0 + (t1 - t0) * (density - d0) / (d1 - d0), 0.05 * t0)
 
 
+class _ColdWeights:
+    """``flush(x, dy)``: writes a buffer of twice the last-level cache, which evicts the
+    weights, then reads x and dy back in (a layer's input and output gradient were made
+    by its neighbours just before it runs in a step)."""
+
+    def __init__(self):
+        from ..compiler.target import last_level_cache_bytes
+
+        self.buffer = torch.empty(2 * last_level_cache_bytes() // 4)
+
+    def __call__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self.buffer.fill_(0.0)
+        x.detach().sum()
+        dy.sum()
+
+
 def _timed_module(layer: Layer, candidate: Candidate, density: float) -> nn.Module:
-    """The layer as ``candidate`` builds it, for timing. A power-of-two layer is built by
-    plain rounding (``iterations=0``): its kernels' time depends on the pattern, not on
-    the values, and the decomposition would take 15-18 s per 2048 x 2048 weight."""
+    """The layer as ``candidate`` builds it, for timing: a copy (timing updates its
+    parameters). A power-of-two layer is built by plain rounding (``iterations=0``): its
+    kernels' time depends on the pattern, not on the values, and the decomposition would
+    take 15-18 s per 2048 x 2048 weight."""
     from ..nn import SparseConv2d, SparseLinear
 
     scheme = candidate.scheme(density)
     if scheme is None:
-        return layer.module
+        return copy.deepcopy(layer.module)
     if isinstance(scheme, Pow2Scheme):
         return replace(scheme, iterations=0).build(layer.module)
     cls = SparseConv2d if layer.kind == "conv" else SparseLinear

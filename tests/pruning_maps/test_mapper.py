@@ -1,6 +1,7 @@
 """The mapper on toy models whose right answer is known: injected latencies, retained
 energy against an independent oracle, rules reproduced and transferred."""
 
+import copy
 import itertools
 import time
 
@@ -282,10 +283,14 @@ def test_layer_timer_measures_every_layer_in_one_interleaved_run(monkeypatch):
         return real(fns, rounds, **kwargs)
 
     monkeypatch.setattr(bench, "_median_times", spy)
-    layers = prunable_layers(MLP([32, 32, 32, 32, 10]), torch.randn(4, 32))
+    model = MLP([32, 32, 32, 32, 10])
+    before = copy.deepcopy(model.state_dict())
+    layers = prunable_layers(model, torch.randn(4, 32))
     cands = [DENSE, Candidate("block", (8, 8))]
     timer = LayerTimer(rounds=1)
     timer.prepare([(layer, cands) for layer in layers])
+    # Timing runs SGD updates, on copies: the model keeps its weights (dense included).
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # layers.0 (input without gradient), layers.1 = layers.2, layers.3 (32 -> 10): 3 signatures
     signatures = {layer.signature() for layer in layers}
     assert len(signatures) == 3
