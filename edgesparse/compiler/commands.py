@@ -264,7 +264,9 @@ def add_commands(sub) -> None:
     m.add_argument("--no-pow2", dest="pow2", action="store_false",
                    help="search: leave power-of-two weights out of the candidates (block pruning and dense only)")
     m.add_argument("--widths", default="2048,2048,2048,2048,10", help="mlp: layer widths (default 2048,...,10)")
-    m.add_argument("--width", type=int, default=20, help="resnet18: base width (default 20, the reduced ResNet-18)")
+    m.add_argument("--width", type=int, default=64,
+                   help="resnet18: base width (default 64: the CIFAR ResNet-18 of `edgesparse bench`'s training "
+                        "section, 256 and 512 channels in its last stages; 20 is the continual-learning literature's)")
     m.add_argument("--batch", type=int, default=None, help="batch (default: mlp 256, resnet18 32)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--compare", type=int, default=0, metavar="N",
