@@ -117,7 +117,8 @@ def test_median_times_runs_before_ahead_of_each_timed_call_outside_the_timing():
 
 def test_layer_step_fn_runs_forward_backward_and_one_sgd_update():
     """One call: the input gradient dy @ W, and W, b moved by -lr times dy^T x and the
-    column sums of dy (lr 1e-3), computed here in float64 from the weights before."""
+    column sums of dy (lr 1e-3), computed here in float64 from the weights before; the
+    parameters' gradients are dropped after the update."""
     from edgesparse.bench_training import layer_step_fn
 
     g = torch.Generator().manual_seed(0)
@@ -130,5 +131,6 @@ def test_layer_step_fn_runs_forward_backward_and_one_sgd_update():
     assert_close(x.grad, dy.double() @ w0, torch.float32, "input gradient")
     assert_close(layer.weight.detach(), w0 - 1e-3 * dy.double().T @ x.detach().double(), torch.float32, "weight")
     assert_close(layer.bias.detach(), b0 - 1e-3 * dy.double().sum(0), torch.float32, "bias")
+    assert layer.weight.grad is None and layer.bias.grad is None  # dead after the update: dropped
     step()  # gradients are cleared between calls, not summed
     assert_close(x.grad, dy.double() @ (w0 - 1e-3 * dy.double().T @ x.detach().double()), torch.float32)
